@@ -1,0 +1,1 @@
+"""Wallaroo for ComfyUI: the engine (engine/) and, later, the node classes."""

@@ -1,0 +1,1 @@
+"""The Wallaroo engine: model, protocols, decoding and weights; knows nothing of any front end."""
