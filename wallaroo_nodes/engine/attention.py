@@ -1,0 +1,111 @@
+"""Attention backends: torch SDPA (default everywhere) and xformers (optional, CUDA only).
+
+`auto` picks xformers when it is importable and the tensors live on CUDA, SDPA otherwise. A backend that is
+forced but unavailable is an error, never a silent fallback, so benchmarks measure what they claim.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+BACKENDS = ("auto", "sdpa", "xformers")
+
+
+class AttentionBackendError(RuntimeError):
+    """The requested attention backend cannot run here."""
+
+
+@functools.lru_cache(maxsize=1)
+def xformers_available() -> bool:
+    """True when `xformers.ops.memory_efficient_attention` imports."""
+    try:
+        import xformers.ops  # noqa: F401
+    except Exception:  # ImportError, or a broken build raising anything at import
+        return False
+    return True
+
+
+def resolve_backend(name: str, device: torch.device | str) -> str:
+    """Turn a backend setting into the backend that will run, or raise naming the fix."""
+    device = torch.device(device)
+    if name not in BACKENDS:
+        raise AttentionBackendError(f"unknown attention backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    if name == "auto":
+        return "xformers" if device.type == "cuda" and xformers_available() else "sdpa"
+    if name == "xformers":
+        if not xformers_available():
+            raise AttentionBackendError(
+                "attention backend 'xformers' was requested but xformers is not installed; "
+                "install it with `pip install .[xformers]` or use attention='sdpa'")
+        if device.type != "cuda":
+            raise AttentionBackendError(
+                f"attention backend 'xformers' needs a CUDA device, the model is on {device.type}; "
+                "use attention='sdpa' or 'auto'")
+    return name
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+              backend: str = "sdpa") -> torch.Tensor:
+    """Multi-head attention with grouped KV heads.
+
+    q: (B, H, Lq, D); k, v: (B, Hkv, Lk, D); mask: boolean (B, 1, Lq, Lk), True = may attend, or None.
+    Returns (B, H, Lq, D).
+    """
+    heads, kv_heads = q.shape[1], k.shape[1]
+    if backend == "xformers":
+        import xformers.ops as xops
+
+        groups = heads // kv_heads
+        b, _, lq, d = q.shape
+        lk = k.shape[2]
+        # xformers wants (B, L, Hkv, G, D) for grouped attention.
+        qx = q.transpose(1, 2).reshape(b, lq, kv_heads, groups, d)
+        kx = k.transpose(1, 2)[:, :, :, None, :].expand(b, lk, kv_heads, groups, d)
+        vx = v.transpose(1, 2)[:, :, :, None, :].expand(b, lk, kv_heads, groups, d)
+        bias = None
+        if mask is not None:
+            # The bias must be 8-aligned in memory on its last axis: allocate padded, then slice.
+            padded = (lk + 7) // 8 * 8
+            store = torch.zeros(b, kv_heads, groups, lq, padded, dtype=q.dtype, device=q.device)
+            bias = store[..., :lk]
+            bias.masked_fill_(~mask[:, :, None, :, :].expand(b, kv_heads, groups, lq, lk), float("-inf"))
+        out = xops.memory_efficient_attention(qx, kx, vx, attn_bias=bias)
+        return out.reshape(b, lq, heads, d).transpose(1, 2)
+    if kv_heads != heads:
+        k = k.repeat_interleave(heads // kv_heads, dim=1)
+        v = v.repeat_interleave(heads // kv_heads, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                     backend: str = "sdpa") -> torch.Tensor:
+    """Attention restricted to independent segments of a packed sequence (vision windows, images).
+
+    q, k, v: (N, H, D); cu_seqlens: (S+1,) cumulative segment boundaries starting at 0. Returns (N, H, D).
+    """
+    bounds = cu_seqlens.tolist()
+    if backend == "xformers":
+        import xformers.ops as xops
+        from xformers.ops import fmha
+
+        lengths = [e - s for s, e in zip(bounds[:-1], bounds[1:]) if e > s]
+        bias = fmha.BlockDiagonalMask.from_seqlens(lengths)
+        return xops.memory_efficient_attention(q[None], k[None], v[None], attn_bias=bias)[0]
+    n = q.shape[0]
+    if n <= 4096:
+        # One call with a block-diagonal mask is fastest while the N x N mask stays small.
+        segment = torch.zeros(n, dtype=torch.long, device=q.device)
+        for s in bounds[1:-1]:
+            if s < n:
+                segment[s:] += 1
+        mask = segment[:, None] == segment[None, :]
+        out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask)
+        return out.transpose(0, 1)
+    out = torch.empty_like(q)
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        if e > s:
+            seg = F.scaled_dot_product_attention(q[s:e].transpose(0, 1), k[s:e].transpose(0, 1), v[s:e].transpose(0, 1))
+            out[s:e] = seg.transpose(0, 1)
+    return out

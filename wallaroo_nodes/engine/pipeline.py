@@ -1,0 +1,214 @@
+"""`Pipeline`: user-level understand / generate / edit over one loaded model.
+
+Front doors (ComfyUI nodes, SDK, CLI, Gradio) convert their own types to PIL images and strings, call these
+methods, and convert back. Prompt building, embedding assembly, decoding and VQ decoding all happen here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+from PIL import Image
+
+from . import images
+from .config import WallarooConfig
+from .decode import CancelCheck, Cancelled, PreparedBatch, decode_image_codes, decode_text
+from .model import WallarooModel
+from .protocol import Batch, Prompt, batch_prompts, build_edit, build_generate, build_understand
+from .sampling import SamplingParams
+from .text import StreamDecoder, TextTokenizer, language_of
+
+__all__ = ["Pipeline", "RowProgress", "Cancelled"]
+
+MAX_IMAGES_PER_CALL = 64
+
+
+@dataclass
+class RowProgress:
+    """Progress of an image run after one decoded row; `preview()` renders the rows so far."""
+
+    rows_done: int
+    rows_total: int
+    _preview: Callable[[], list[Image.Image]]
+
+    def preview(self) -> list[Image.Image]:
+        """The partly decoded images (undecoded rows are grey)."""
+        return self._preview()
+
+
+RowCallback = Callable[[RowProgress], None]
+
+
+def _generator(seed: int | None, device: torch.device) -> torch.Generator:
+    g = torch.Generator(device=device)
+    if seed is None:
+        g.seed()
+    else:
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise ValueError(f"seed must be an integer, got {seed!r}")
+        g.manual_seed(seed % (2 ** 64))
+    return g
+
+
+class Pipeline:
+    """Understand, generate and edit with one Wallaroo model."""
+
+    def __init__(self, model: WallarooModel, tokenizer: TextTokenizer):
+        self.model = model
+        self.tokenizer = tokenizer
+
+    @property
+    def config(self) -> WallarooConfig:
+        return self.model.cfg
+
+    @property
+    def sizes(self) -> list[tuple[int, int]]:
+        """Supported output sizes (height, width)."""
+        return list(self.config.protocol.sizes)
+
+    # --- shared pieces ------------------------------------------------------------------------
+    def _prepare(self, prompts: list[Prompt], vision: list[torch.Tensor | None],
+                 pixels: list[torch.Tensor | None]) -> PreparedBatch:
+        """Embed ids and write vision / pixel features into their slots."""
+        batch: Batch = batch_prompts(prompts, self.config.token_id("<|endoftext|>"))
+        dev = self.model.device
+        embeds = self.model.embed_tokens(batch.ids.to(dev)).clone()
+        for row, (p, v, px) in enumerate(zip(prompts, vision, pixels)):
+            off = batch.offsets[row]
+            if p.vision_slots:
+                embeds[row, [off + s for s in p.vision_slots]] = v
+            if p.pixel_slots:
+                embeds[row, [off + s for s in p.pixel_slots]] = px
+        return PreparedBatch(embeds, batch.position_ids.to(dev), batch.valid.to(dev))
+
+    def _vision(self, image: Image.Image, min_pixels: int | None = None,
+                max_pixels: int | None = None) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        patches, grid = images.vision_inputs(image, self.config.vision, min_pixels, max_pixels)
+        dev = self.model.device
+        feats = self.model.vision_embeddings(patches.to(dev), torch.tensor([grid], device=dev))
+        return feats, grid
+
+    def _decode_codes(self, codes: torch.Tensor) -> list[Image.Image]:
+        with torch.inference_mode():
+            pixels = self.model.vq.decode_codes(codes)
+        return images.vq_output_to_pil(pixels.float())
+
+    def _image_run(self, kind: str, prep: PreparedBatch, size: tuple[int, int], cfg: float,
+                   params: SamplingParams, seed: int | None, on_row: RowCallback | None,
+                   should_cancel: CancelCheck | None) -> list[Image.Image]:
+        ds = self.config.vq.downsample
+        rows, cols = size[0] // ds, size[1] // ds
+
+        def row_done(done: int, codes: torch.Tensor) -> None:
+            if on_row is None:
+                return
+
+            def preview() -> list[Image.Image]:
+                grey = codes.new_zeros(codes.shape[0], rows, cols)
+                partial = self._decode_codes(torch.cat([codes, grey[:, done:]], dim=1))
+                out = []
+                for im in partial:
+                    im = im.copy()
+                    im.paste((128, 128, 128), (0, done * ds, size[1], size[0])) if done < rows else None
+                    out.append(im)
+                return out
+
+            on_row(RowProgress(done, rows, preview))
+
+        codes = decode_image_codes(self.model, prep, rows=rows, cols=cols, kind=kind, cfg_scale=cfg, params=params,
+                                   generator=_generator(seed, self.model.device), on_row=row_done,
+                                   should_cancel=should_cancel)
+        return self._decode_codes(codes)
+
+    def _params(self, kind: str, temperature: float | None, top_k: int | None, top_p: float | None) -> SamplingParams:
+        d = self.config.sampling
+        p = SamplingParams(
+            temperature=getattr(d, f"{kind}_temperature") if temperature is None else float(temperature),
+            top_k=getattr(d, f"{kind}_top_k") if top_k is None else int(top_k),
+            top_p=getattr(d, f"{kind}_top_p") if top_p is None else float(top_p))
+        p.validate()
+        return p
+
+    @staticmethod
+    def _check_n(n: int) -> None:
+        if not isinstance(n, int) or not 1 <= n <= MAX_IMAGES_PER_CALL:
+            raise ValueError(f"n (images per prompt) must be an integer in 1..{MAX_IMAGES_PER_CALL}, got {n!r}")
+
+    # --- the three tasks ----------------------------------------------------------------------
+    def understand_stream(self, image: Image.Image | None, question: str, *, max_new_tokens: int | None = None,
+                          temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
+                          seed: int | None = 0, should_cancel: CancelCheck | None = None) -> Iterator[str]:
+        """Yield the answer to a question about an image as text pieces, as they are produced."""
+        if not question or not question.strip():
+            raise ValueError("the question is empty; ask something about the image")
+        params = self._params("understand", temperature, top_k, top_p)
+        limit = self.config.sampling.understand_max_new_tokens if max_new_tokens is None else int(max_new_tokens)
+        if limit < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {limit}")
+        vision, grid = (None, None)
+        if image is not None:
+            vision, grid = self._vision(images.load_rgb(image))
+        prompt = build_understand(self.tokenizer, self.config, question, grid)
+        prep = self._prepare([prompt], [vision], [None])
+        stops = {self.config.token_id("<|im_end|>"), self.config.token_id("<|endoftext|>")}
+        stream = StreamDecoder(self.tokenizer)
+        for tid in decode_text(self.model, prep, max_new_tokens=limit, params=params,
+                               generator=_generator(seed, self.model.device), stop_ids=stops,
+                               should_cancel=should_cancel):
+            piece = stream.push(tid)
+            if piece:
+                yield piece
+        tail = stream.flush()
+        if tail:
+            yield tail
+
+    def understand(self, image: Image.Image | None, question: str, **kwargs) -> str:
+        """The whole answer to a question about an image."""
+        return "".join(self.understand_stream(image, question, **kwargs)).strip()
+
+    def generate(self, prompt: str, *, size: tuple[int, int] | str | None = None, cfg: float | None = None,
+                 temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+                 seed: int | None = 0, n: int = 1, on_row: RowCallback | None = None,
+                 should_cancel: CancelCheck | None = None) -> list[Image.Image]:
+        """n images for a text prompt (English or Chinese) at a supported (height, width) size."""
+        if not isinstance(prompt, str):
+            raise ValueError(f"prompt must be text, got {type(prompt).__name__}")
+        size = images.check_size(size or self.config.protocol.default_size, self.sizes)
+        self._check_n(n)
+        scale = self.config.sampling.generate_cfg if cfg is None else float(cfg)
+        params = self._params("generate", temperature, top_k, top_p)
+        cond = build_generate(self.tokenizer, self.config, prompt, size)
+        prompts = [cond] * n
+        if scale != 1.0:
+            prompts += [build_generate(self.tokenizer, self.config, "", size, lang=language_of(prompt))] * n
+        prep = self._prepare(prompts, [None] * len(prompts), [None] * len(prompts))
+        return self._image_run("generate", prep, size, scale, params, seed, on_row, should_cancel)
+
+    def edit(self, image: Image.Image, instruction: str, *, cfg: float | None = None,
+             temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+             seed: int | None = 0, n: int = 1, on_row: RowCallback | None = None,
+             should_cancel: CancelCheck | None = None) -> list[Image.Image]:
+        """n edited versions of an image, at the supported size closest to its aspect ratio."""
+        if not isinstance(instruction, str) or not instruction.strip():
+            raise ValueError("the edit instruction is empty; say what to change")
+        self._check_n(n)
+        source = images.load_rgb(image)
+        size = images.closest_size(source.height, source.width, self.sizes)
+        scale = self.config.sampling.edit_cfg if cfg is None else float(cfg)
+        params = self._params("edit", temperature, top_k, top_p)
+        v = self.config.vision
+        sources = [source] + ([Image.new("RGB", source.size, (0, 0, 0))] if scale != 1.0 else [])
+        texts = [instruction, ""]
+        prompts, vision, pixels = [], [], []
+        for src, text in zip(sources, texts):
+            feats, grid = self._vision(src, v.edit_min_pixels, v.edit_max_pixels)
+            with torch.inference_mode():
+                px = self.model.pixel_embeddings(images.vq_input(src, size).to(self.model.device))[0]
+            lang = language_of(instruction)
+            p = build_edit(self.tokenizer, self.config, text, size, grid, lang=lang)
+            prompts += [p] * n
+            vision += [feats] * n
+            pixels += [px] * n
+        prep = self._prepare(prompts, vision, pixels)
+        return self._image_run("edit", prep, size, scale, params, seed, on_row, should_cancel)
