@@ -93,19 +93,26 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         lengths = [e - s for s, e in zip(bounds[:-1], bounds[1:]) if e > s]
         bias = fmha.BlockDiagonalMask.from_seqlens(lengths)
         return xops.memory_efficient_attention(q[None], k[None], v[None], attn_bias=bias)[0]
-    n = q.shape[0]
-    if n <= 4096:
-        # One call with a block-diagonal mask is fastest while the N x N mask stays small.
-        segment = torch.zeros(n, dtype=torch.long, device=q.device)
-        for s in bounds[1:-1]:
-            if s < n:
-                segment[s:] += 1
-        mask = segment[:, None] == segment[None, :]
-        out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask)
-        return out.transpose(0, 1)
-    out = torch.empty_like(q)
+    # Batch segments of equal length into one SDPA call each: no N x N mask, no per-segment Python loop.
+    by_length: dict[int, list[int]] = {}
     for s, e in zip(bounds[:-1], bounds[1:]):
         if e > s:
-            seg = F.scaled_dot_product_attention(q[s:e].transpose(0, 1), k[s:e].transpose(0, 1), v[s:e].transpose(0, 1))
-            out[s:e] = seg.transpose(0, 1)
+            by_length.setdefault(e - s, []).append(s)
+    heads, dim = q.shape[1], q.shape[2]
+    if len(by_length) == 1:
+        (length, starts), = by_length.items()
+        if len(starts) * length == q.shape[0]:
+            # Contiguous equal segments: a pure reshape.
+            def split(t: torch.Tensor) -> torch.Tensor:
+                return t.view(len(starts), length, heads, dim).transpose(1, 2)
+            out = F.scaled_dot_product_attention(split(q), split(k), split(v))
+            return out.transpose(1, 2).reshape(q.shape)
+    out = torch.zeros_like(q)
+    for length, starts in by_length.items():
+        index = (torch.tensor(starts, device=q.device)[:, None] + torch.arange(length, device=q.device)).flatten()
+
+        def gather(t: torch.Tensor) -> torch.Tensor:
+            return t.index_select(0, index).view(len(starts), length, heads, dim).transpose(1, 2)
+        seg = F.scaled_dot_product_attention(gather(q), gather(k), gather(v))
+        out = out.index_copy(0, index, seg.transpose(1, 2).reshape(-1, heads, dim))
     return out

@@ -1,0 +1,111 @@
+"""Parity of our Qwen2.5-VL LLM + vision path with huggingface transformers on random small weights (fp32)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+transformers = pytest.importorskip("transformers", reason="transformers (test dependency) is not installed")
+from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration  # noqa: E402
+
+from helpers import make_tokenizer_and_config, randomize_  # noqa: E402
+from wallaroo_nodes.engine import images  # noqa: E402
+from wallaroo_nodes.engine.model import WallarooModel  # noqa: E402
+from wallaroo_nodes.engine.pipeline import Pipeline  # noqa: E402
+from wallaroo_nodes.engine.protocol import batch_prompts, build_understand  # noqa: E402
+from wallaroo_nodes.engine.rope import text_position_ids  # noqa: E402
+from wallaroo_nodes.engine.text import TextTokenizer  # noqa: E402
+
+TOLERANCE = 1e-4
+
+
+def hf_twin(ours: WallarooModel) -> Qwen2_5_VLForConditionalGeneration:
+    """A transformers Qwen2.5-VL with our tiny config and our weights."""
+    c = ours.cfg
+    hf_cfg = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=c.llm.vocab_size, hidden_size=c.llm.hidden_size,
+                         intermediate_size=c.llm.intermediate_size, num_hidden_layers=c.llm.num_layers,
+                         num_attention_heads=c.llm.num_heads, num_key_value_heads=c.llm.num_kv_heads,
+                         rms_norm_eps=c.llm.rms_norm_eps,
+                         rope_parameters={"rope_type": "default", "rope_theta": c.llm.rope_theta,
+                                          "mrope_section": list(c.llm.mrope_section)},
+                         bos_token_id=None, eos_token_id=None, pad_token_id=None),
+        vision_config=dict(depth=c.vision.depth, hidden_size=c.vision.hidden_size, num_heads=c.vision.num_heads,
+                           intermediate_size=c.vision.intermediate_size, out_hidden_size=c.vision.out_hidden_size,
+                           fullatt_block_indexes=list(c.vision.fullatt_block_indexes),
+                           window_size=c.vision.window_size, patch_size=c.vision.patch_size,
+                           spatial_merge_size=c.vision.spatial_merge_size,
+                           temporal_patch_size=c.vision.temporal_patch_size),
+        image_token_id=c.tokens["<|image_pad|>"], video_token_id=c.tokens["<|video_pad|>"],
+        vision_start_token_id=c.tokens["<|vision_start|>"], vision_end_token_id=c.tokens["<|vision_end|>"],
+        tie_word_embeddings=False)
+    hf = Qwen2_5_VLForConditionalGeneration(hf_cfg).eval()
+    theirs = {}
+    for name, t in ours.state_dict().items():
+        if name.startswith("model."):
+            theirs["model.language_model." + name[len("model."):]] = t
+        elif name.startswith("visual."):
+            theirs["model." + name] = t
+        elif name == "lm_head.weight":
+            theirs[name] = t
+    hf.load_state_dict(theirs, strict=True)
+    return hf
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("parity")
+    tok_path, cfg = make_tokenizer_and_config(tmp)
+    torch.manual_seed(0)
+    ours = randomize_(WallarooModel(cfg), seed=1).eval()
+    return ours, hf_twin(ours), TextTokenizer(tok_path, cfg.tokens)
+
+
+def test_text_only_logits_and_positions_match(pair):
+    ours, hf, tok = pair
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 400, (2, 23), generator=g)
+    valid = torch.ones(2, 23, dtype=torch.bool)
+    valid[1, :6] = False  # left padding, as in the CFG batch
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=valid.long()).logits
+        pos = text_position_ids(valid)
+        hidden = ours(ours.embed_tokens(ids), pos, valid)
+        got = ours.lm_head(hidden)
+        ref_pos, _ = hf.model.get_rope_index(input_ids=ids, mm_token_type_ids=torch.zeros_like(ids),
+                                             image_grid_thw=None, attention_mask=valid.long())
+    # Padding positions are arbitrary (masked); transformers puts 0 there, the reference 1.
+    assert torch.equal(pos[:, valid], ref_pos[:, valid])
+    diff = (got - ref)[valid].abs().max().item()
+    assert diff <= TOLERANCE, f"text-only logits differ by {diff}"
+
+
+@pytest.mark.parametrize("size", [(150, 260), (330, 140)])
+def test_image_text_logits_and_positions_match(pair, size):
+    ours, hf, tok = pair
+    h, w = size
+    g = torch.Generator().manual_seed(h)
+    image = Image.fromarray((torch.rand(h, w, 3, generator=g) * 255).byte().numpy())
+    cfg = ours.cfg
+    patches, grid = images.vision_inputs(image, cfg.vision)
+    # The image must span several attention windows for the window reordering to be exercised.
+    window = cfg.vision.window_size // cfg.vision.patch_size
+    assert grid[1] > window and grid[2] > window and grid[1] != grid[2]
+    prompt = build_understand(tok, cfg, "What is in the picture?", grid)
+    pipe = Pipeline(ours, tok)
+    with torch.no_grad():
+        feats = ours.vision_embeddings(patches, torch.tensor([grid]))
+        prep = pipe._prepare([prompt], [feats], [None])
+        got = ours.lm_head(ours(prep.embeds, prep.position_ids, prep.valid))
+        ids = torch.tensor([prompt.ids])
+        # transformers 5 locates image tokens through a modality mask: 1 on the vision-tower slots.
+        modality = torch.zeros_like(ids)
+        modality[0, prompt.vision_slots] = 1
+        ref = hf(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=patches,
+                 image_grid_thw=torch.tensor([grid]), mm_token_type_ids=modality).logits
+        ref_pos, _ = hf.model.get_rope_index(input_ids=ids, mm_token_type_ids=modality,
+                                             image_grid_thw=torch.tensor([grid]),
+                                             attention_mask=torch.ones_like(ids))
+    assert torch.equal(prep.position_ids, ref_pos)
+    diff = (got - ref).abs().max().item()
+    assert diff <= TOLERANCE, f"image+text logits differ by {diff}"
