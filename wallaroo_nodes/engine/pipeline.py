@@ -172,17 +172,27 @@ class Pipeline:
                  seed: int | None = 0, n: int = 1, on_row: RowCallback | None = None,
                  should_cancel: CancelCheck | None = None) -> list[Image.Image]:
         """n images for a text prompt (English or Chinese) at a supported (height, width) size."""
-        if not isinstance(prompt, str):
-            raise ValueError(f"prompt must be text, got {type(prompt).__name__}")
+        return self.generate_many([prompt], size=size, cfg=cfg, temperature=temperature, top_k=top_k, top_p=top_p,
+                                  seed=seed, n=n, on_row=on_row, should_cancel=should_cancel)
+
+    def generate_many(self, prompts: list[str], *, size: tuple[int, int] | str | None = None,
+                      cfg: float | None = None, temperature: float | None = None, top_k: int | None = None,
+                      top_p: float | None = None, seed: int | None = 0, n: int = 1,
+                      on_row: RowCallback | None = None, should_cancel: CancelCheck | None = None) -> list[Image.Image]:
+        """n images for each of several prompts of one size, decoded as one batch (prompt-major order)."""
+        if not prompts or any(not isinstance(p, str) for p in prompts):
+            raise ValueError("prompts must be a non-empty list of text prompts")
         size = images.check_size(size or self.config.protocol.default_size, self.sizes)
         self._check_n(n)
+        if len(prompts) * n > MAX_IMAGES_PER_CALL:
+            raise ValueError(f"at most {MAX_IMAGES_PER_CALL} images per call; got {len(prompts)} prompts x n={n}")
         scale = self.config.sampling.generate_cfg if cfg is None else float(cfg)
         params = self._params("generate", temperature, top_k, top_p)
-        cond = build_generate(self.tokenizer, self.config, prompt, size)
-        prompts = [cond] * n
+        batch = [build_generate(self.tokenizer, self.config, p, size) for p in prompts for _ in range(n)]
         if scale != 1.0:
-            prompts += [build_generate(self.tokenizer, self.config, "", size, lang=language_of(prompt))] * n
-        prep = self._prepare(prompts, [None] * len(prompts), [None] * len(prompts))
+            batch += [build_generate(self.tokenizer, self.config, "", size, lang=language_of(p))
+                      for p in prompts for _ in range(n)]
+        prep = self._prepare(batch, [None] * len(batch), [None] * len(batch))
         return self._image_run("generate", prep, size, scale, params, seed, on_row, should_cancel)
 
     def edit(self, image: Image.Image, instruction: str, *, cfg: float | None = None,
@@ -190,22 +200,40 @@ class Pipeline:
              seed: int | None = 0, n: int = 1, on_row: RowCallback | None = None,
              should_cancel: CancelCheck | None = None) -> list[Image.Image]:
         """n edited versions of an image, at the supported size closest to its aspect ratio."""
-        if not isinstance(instruction, str) or not instruction.strip():
-            raise ValueError("the edit instruction is empty; say what to change")
+        return self.edit_many([image], [instruction], cfg=cfg, temperature=temperature, top_k=top_k, top_p=top_p,
+                              seed=seed, n=n, on_row=on_row, should_cancel=should_cancel)
+
+    def edit_many(self, sources: list[Image.Image], instructions: list[str], *, cfg: float | None = None,
+                  temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+                  seed: int | None = 0, n: int = 1, on_row: RowCallback | None = None,
+                  should_cancel: CancelCheck | None = None) -> list[Image.Image]:
+        """n edits of each (image, instruction) pair, decoded as one batch; all images must map to one size."""
+        if len(sources) != len(instructions) or not sources:
+            raise ValueError("edit_many needs as many instructions as images, at least one")
+        for text in instructions:
+            if not isinstance(text, str) or not text.strip():
+                raise ValueError("the edit instruction is empty; say what to change")
         self._check_n(n)
-        source = images.load_rgb(image)
-        size = images.closest_size(source.height, source.width, self.sizes)
+        if len(sources) * n > MAX_IMAGES_PER_CALL:
+            raise ValueError(f"at most {MAX_IMAGES_PER_CALL} images per call; got {len(sources)} images x n={n}")
+        loaded = [images.load_rgb(im) for im in sources]
+        sizes = {images.closest_size(im.height, im.width, self.sizes) for im in loaded}
+        if len(sizes) != 1:
+            raise ValueError(f"edit_many needs images that map to one output size; these map to {sorted(sizes)}")
+        size = sizes.pop()
         scale = self.config.sampling.edit_cfg if cfg is None else float(cfg)
         params = self._params("edit", temperature, top_k, top_p)
         v = self.config.vision
-        sources = [source] + ([Image.new("RGB", source.size, (0, 0, 0))] if scale != 1.0 else [])
-        texts = [instruction, ""]
+        rows = [(src, text) for src, text in zip(loaded, instructions)]
+        if scale != 1.0:
+            # The unconditional branch: a black image of the same size and no instruction (as the reference).
+            rows += [(Image.new("RGB", src.size, (0, 0, 0)), "") for src, _ in zip(loaded, instructions)]
+        langs = [language_of(t) for t in instructions] * (2 if scale != 1.0 else 1)
         prompts, vision, pixels = [], [], []
-        for src, text in zip(sources, texts):
+        for (src, text), lang in zip(rows, langs):
             feats, grid = self._vision(src, v.edit_min_pixels, v.edit_max_pixels)
             with torch.inference_mode():
                 px = self.model.pixel_embeddings(images.vq_input(src, size).to(self.model.device))[0]
-            lang = language_of(instruction)
             p = build_edit(self.tokenizer, self.config, text, size, grid, lang=lang)
             prompts += [p] * n
             vision += [feats] * n

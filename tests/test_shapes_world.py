@@ -1,0 +1,316 @@
+"""The shapes world: deterministic scenes and texts, coverage, edit semantics, and analyser accuracy."""
+from __future__ import annotations
+
+import random
+import re
+
+import numpy as np
+import pytest
+from PIL import Image, ImageFilter
+
+from wallaroo_nodes.shapes import (ATTRIBUTES, BACKGROUND_COLOURS, CANVAS_SIZES, EDIT_KINDS, LANGS, OBJECT_COLOURS,
+                                   POSITIONS, QA_KINDS, SHAPES, SIZES, Obj, Scene, accuracy, analyse, caption, compare,
+                                   corpus_lines, description, edit_instruction, edit_kinds, match_objects,
+                                   question_answer, render, scene_from_seed, scene_matches, vocabulary)
+from wallaroo_nodes.shapes import text as text_mod
+
+N_SCENES = 500
+CJK = re.compile(r"[\u4e00-\u9fff]")
+
+
+def all_texts(scene: Scene, lang: str, seed: int) -> list[str]:
+    """Every kind of text for a scene, drawn from one seeded rng."""
+    rng = random.Random(seed)
+    out = [caption(scene, lang, rng)]
+    for kind in QA_KINDS:
+        out += question_answer(scene, lang, rng, kind)
+    for kind in edit_kinds(scene):
+        instruction, target = edit_instruction(scene, lang, rng, kind)
+        out += [instruction, repr(target)]
+    return out
+
+
+def degrade(image: Image.Image, rng: np.random.Generator, blur: float = 0.8, sigma: float = 8.0) -> Image.Image:
+    """Roughly what a VQ autoencoder round trip does: slight blur plus Gaussian noise (sigma in 0-255 units)."""
+    blurred = np.asarray(image.filter(ImageFilter.GaussianBlur(blur)), dtype=np.float32)
+    noisy = blurred + rng.normal(0.0, sigma, blurred.shape)
+    return Image.fromarray(np.clip(noisy, 0, 255).round().astype(np.uint8))
+
+
+# --- determinism -----------------------------------------------------------------------------------------------
+
+
+def test_same_seed_same_scene_texts_and_pixels():
+    for seed in range(30):
+        a, b = scene_from_seed(seed), scene_from_seed(seed)
+        assert a == b
+        assert render(a).tobytes() == render(b).tobytes()
+        for lang in LANGS:
+            assert all_texts(a, lang, seed) == all_texts(b, lang, seed)
+
+
+def test_different_seeds_differ():
+    scenes = [scene_from_seed(s) for s in range(100)]
+    assert len(set(scenes)) > 90
+    assert len({render(s).tobytes() for s in scenes}) == len(set(scenes))
+    assert len({caption(scenes[0], "en", random.Random(s)) for s in range(30)}) > 5
+
+
+def test_scene_dict_round_trip_and_order_free_equality():
+    s = scene_from_seed(7, n_objects=2)
+    assert Scene.from_dict(s.to_dict()) == s
+    assert Scene(s.canvas, s.background, tuple(reversed(s.objects))) == s
+
+
+# --- coverage and validity -------------------------------------------------------------------------------------
+
+
+def test_scenes_valid_and_cover_every_attribute():
+    seen: dict[str, set] = {k: set() for k in ("shape", "colour", "size", "position", "canvas", "background", "n",
+                                               "qa", "edit")}
+    for seed in range(N_SCENES):
+        s = scene_from_seed(seed)
+        assert not s.problems(), (seed, s, s.problems())
+        assert s.canvas in CANVAS_SIZES and all(d % 16 == 0 for d in s.canvas)
+        seen["canvas"].add(s.canvas)
+        seen["background"].add(s.background)
+        seen["n"].add(len(s.objects))
+        for o in s.objects:
+            for k in ("shape", "colour", "size", "position"):
+                seen[k].add(getattr(o, k))
+        rng = random.Random(seed)
+        lang = LANGS[seed % 2]
+        q, a = question_answer(s, lang, rng)
+        seen["qa"].add(_qa_kind_of(q, lang))
+        seen["edit"].add(_edit_kind_of(s, edit_instruction(s, lang, rng)[1]))
+    assert seen["shape"] == set(SHAPES)
+    assert seen["colour"] == set(OBJECT_COLOURS)
+    assert seen["size"] == set(SIZES)
+    assert seen["position"] == set(POSITIONS)
+    assert seen["canvas"] == set(CANVAS_SIZES)
+    assert seen["background"] == set(BACKGROUND_COLOURS)
+    assert seen["n"] == {1, 2}
+    assert seen["edit"] == set(EDIT_KINDS)
+    assert seen["qa"] == set(QA_KINDS)
+    questions = {question_answer(scene_from_seed(s), "en", random.Random(s))[0] for s in range(N_SCENES)}
+    assert len(questions) > 100  # phrasings and references vary
+
+
+def _qa_kind_of(question: str, lang: str) -> str:
+    """Which QA kind a question was drawn from, by matching it against the templates."""
+    # Fixed questions first: "What colour is the background?" also fits "What colour is {ref}?".
+    candidates = sorted(((k, t) for k, ts in text_mod._QUESTION[lang].items() for t in ts), key=lambda kt: "{" in kt[1])
+    for kind, t in candidates:
+        pattern = re.escape(t).replace(re.escape("{ref}"), ".+").replace(re.escape("{what}"), ".+")
+        if re.fullmatch(pattern, question, flags=re.IGNORECASE):
+            return "position" if kind == "position_both" else kind
+    raise AssertionError(f"no template matches {question!r}")
+
+
+def _answer_fits_kind(scene: Scene, lang: str, kind: str, answer: str) -> bool:
+    words = text_mod.WORDS[lang]
+    if kind == "count":
+        return answer == str(len(scene.objects))
+    if kind == "description":
+        return answer == description(scene, lang)
+    if kind == "background":
+        return answer == words[scene.background]
+    return answer in {words[getattr(o, kind)] for o in scene.objects}
+
+
+def _edit_kind_of(src: Scene, tgt: Scene) -> str:
+    """Which edit turned src into tgt, judged from the scenes alone."""
+    if len(tgt.objects) < len(src.objects):
+        return "remove"
+    if len(tgt.objects) > len(src.objects):
+        return "add"
+    if tgt.background != src.background:
+        return "background"
+    wrong = [k for k, ok in compare(src, tgt).items() if not ok and k != "all"]
+    assert len(wrong) == 1, (src, tgt, wrong)
+    return {"colour": "recolour", "shape": "reshape", "position": "move"}[wrong[0]]
+
+
+def test_every_qa_kind_and_language_produces_text():
+    for seed in range(200):
+        s = scene_from_seed(seed)
+        for lang in LANGS:
+            for kind in QA_KINDS:
+                q, a = question_answer(s, lang, random.Random(seed), kind)
+                assert _qa_kind_of(q, lang) == kind, (kind, q)
+                assert _answer_fits_kind(s, lang, kind, a) or _is_twin_answer(s, lang, kind, a), (kind, q, a)
+
+
+def _is_twin_answer(scene: Scene, lang: str, kind: str, answer: str) -> bool:
+    """Two objects identical but for position: the position answer names both places."""
+    a, b = (scene.objects + (None, None))[:2]
+    if kind != "position" or b is None or (a.shape, a.colour, a.size) != (b.shape, b.colour, b.size):
+        return False
+    words = text_mod.WORDS[lang]
+    return answer == (" and " if lang == "en" else "和").join(words[o.position] for o in scene.objects)
+
+
+def test_languages_use_their_script():
+    for seed in range(N_SCENES):
+        s = scene_from_seed(seed)
+        rng = random.Random(seed)
+        for kind in QA_KINDS:
+            q, a = question_answer(s, "zh", rng, kind)
+            assert CJK.search(q), q
+            assert kind == "count" or CJK.search(a), a  # counts are digits in both languages
+            q, a = question_answer(s, "en", rng, kind)
+            assert q.isascii() and a.isascii(), (q, a)
+        assert CJK.search(caption(s, "zh", rng)) and caption(s, "en", rng).isascii()
+        for kind in edit_kinds(s):
+            assert CJK.search(edit_instruction(s, "zh", rng, kind)[0])
+            assert edit_instruction(s, "en", rng, kind)[0].isascii()
+
+
+def test_captions_name_every_attribute():
+    for seed in range(N_SCENES):
+        s = scene_from_seed(seed)
+        rng = random.Random(seed)
+        en, zh = caption(s, "en", rng), caption(s, "zh", rng)
+        assert s.background in en and text_mod.WORDS["zh"][s.background] in zh, (en, zh)
+        for o in s.objects:
+            en_phrases = [f"{size} {o.colour} {o.shape} {where}" for size in text_mod._SIZE_VARIANTS["en"][o.size]
+                          for where in text_mod._PLACE["en"][o.position]]
+            assert any(p in en for p in en_phrases), (en, o)
+            w = text_mod.WORDS["zh"]
+            assert f"{w[o.colour]}的{w[o.size]}{w[o.shape]}" in zh, (zh, o)
+            assert any(p in zh for p in text_mod._PLACE["zh"][o.position]), (zh, o)
+
+
+def test_answers_are_unique_functions_of_question():
+    """The same question about the same scene always gets the same answer (references are unambiguous)."""
+    for seed in range(200):
+        s = scene_from_seed(seed, n_objects=2)
+        for lang in LANGS:
+            answers: dict[str, str] = {}
+            for i in range(40):
+                q, a = question_answer(s, lang, random.Random(seed * 1000 + i))
+                assert answers.setdefault(q, a) == a, (s, q, a, answers[q])
+
+
+def test_identical_twins_position_question():
+    twin = Obj("circle", "red", "small", "left")
+    s = Scene((64, 64), "white", (twin, Obj("circle", "red", "small", "right")))
+    assert question_answer(s, "en", random.Random(0), "position")[1] == "left and right"
+    assert question_answer(s, "zh", random.Random(0), "position")[1] == "左边和右边"
+
+
+def test_canonical_answers():
+    s = Scene((64, 64), "white", (Obj("circle", "red", "large", "left"), Obj("square", "blue", "small", "right")))
+    assert description(s, "en") == ("A large red circle on the left and a small blue square on the right, "
+                                     "on a white background.")
+    assert description(s, "zh") == "一个红色的大圆形在左边，一个蓝色的小正方形在右边，背景是白色。"
+    q, a = question_answer(s, "en", random.Random(0), "count")
+    assert a == "2"
+    q, a = question_answer(Scene((64, 64), "orange", s.objects[:1]), "en", random.Random(0), "background")
+    assert a == "orange"
+
+
+# --- edits -----------------------------------------------------------------------------------------------------
+
+
+def test_edit_targets_change_exactly_what_was_asked():
+    expected_wrong = {"recolour": {"colour"}, "reshape": {"shape"}, "background": {"background"}, "move": {"position"},
+                      "add": {"count"}, "remove": {"count"}}
+    for seed in range(N_SCENES):
+        s = scene_from_seed(seed)
+        for lang in LANGS:
+            for kind in EDIT_KINDS:
+                rng = random.Random(seed)
+                if kind not in edit_kinds(s):
+                    with pytest.raises(ValueError):
+                        edit_instruction(s, lang, rng, kind)
+                    continue
+                instruction, t = edit_instruction(s, lang, rng, kind)
+                assert not t.problems(), (kind, s, t, t.problems())
+                assert t.canvas == s.canvas and t != s
+                # remove: the target is what is left of the source; otherwise compare target to source.
+                c = compare(t, s) if kind == "remove" else compare(s, t)
+                wrong = {k for k in ATTRIBUTES if not c[k]}
+                assert wrong == expected_wrong[kind], (kind, instruction, s, t, wrong)
+                if kind == "remove":
+                    assert set(t.objects) < set(s.objects)
+                if kind == "add":
+                    assert set(s.objects) < set(t.objects)
+                if kind in ("recolour", "reshape", "move"):
+                    assert len(set(s.objects) - set(t.objects)) == 1
+
+
+def test_edit_kinds_depend_on_object_count():
+    one, two = scene_from_seed(1, n_objects=1), scene_from_seed(1, n_objects=2)
+    assert "add" in edit_kinds(one) and "remove" not in edit_kinds(one)
+    assert "remove" in edit_kinds(two) and "add" not in edit_kinds(two)
+
+
+# --- corpus ----------------------------------------------------------------------------------------------------
+
+
+def test_corpus_lines():
+    lines = list(corpus_lines(400, seed=3))
+    assert len(lines) == 400 and lines == list(corpus_lines(400, seed=3))
+    assert set(vocabulary("en")) <= set(lines) and set(vocabulary("zh")) <= set(lines)
+    assert sum(bool(CJK.search(line)) for line in lines) > 100
+    assert sum(line.isascii() and len(line.split()) > 3 for line in lines) > 100
+
+
+# --- analyser --------------------------------------------------------------------------------------------------
+
+
+def test_analyser_reads_clean_renders():
+    results = []
+    for seed in range(N_SCENES):
+        s = scene_from_seed(seed)
+        results.append(compare(s, analyse(render(s))))
+    acc = accuracy(results)
+    print(f"\nanalyser on clean renders ({N_SCENES} scenes): " + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()))
+    assert acc["all"] >= 0.99
+
+
+def test_analyser_reads_vq_like_renders():
+    rng = np.random.default_rng(0)
+    results = []
+    for seed in range(N_SCENES):
+        s = scene_from_seed(seed)
+        results.append(compare(s, analyse(degrade(render(s), rng))))
+    acc = accuracy(results)
+    print(f"\nanalyser on blur 0.8 + noise 8/255 ({N_SCENES} scenes): "
+          + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()))
+    assert acc["all"] >= 0.95
+
+
+def test_analyser_survives_colour_shift():
+    rng = np.random.default_rng(1)
+    results = []
+    for seed in range(100):
+        s = scene_from_seed(seed)
+        arr = np.asarray(render(s), dtype=np.float32) + rng.uniform(-20, 20, 3)
+        results.append(compare(s, analyse(Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)))))
+    assert accuracy(results)["all"] >= 0.95
+
+
+def test_analyser_empty_and_garbage_images():
+    assert analyse(Image.new("RGB", (64, 64), (250, 250, 250))) is None
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    got = analyse(Image.fromarray(noise))  # must not crash; whatever it reads is not a clean scene
+    assert got is None or isinstance(got, Scene)
+    s = scene_from_seed(0)
+    assert compare(s, None) == {**{k: False for k in ATTRIBUTES}, "all": False}
+    assert not scene_matches(s, None)
+
+
+def test_comparison_is_order_free_and_attribute_level():
+    a, b = Obj("circle", "red", "large", "left"), Obj("square", "blue", "small", "right")
+    s = Scene((64, 64), "white", (a, b))
+    assert scene_matches(s, Scene((64, 64), "white", (b, a)))
+    assert scene_matches(s, Scene((48, 80), "white", (a, b)))  # canvas is not compared
+    wrong = Scene((64, 64), "white", (a, Obj("triangle", "blue", "small", "right")))
+    c = compare(s, wrong)
+    assert not c["shape"] and not c["all"] and c["colour"] and c["size"] and c["position"] and c["count"]
+    missing = Scene((64, 64), "white", (b,))
+    c = compare(s, missing)
+    assert not c["count"] and not c["shape"]
+    assert dict(match_objects(s, missing))[b] == b

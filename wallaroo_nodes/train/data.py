@@ -1,0 +1,146 @@
+"""Training examples for the three tasks, built with the engine's own prompt builders.
+
+Training and inference share `engine.protocol`, so the tiny model learns exactly the prompt layout that
+the pipeline later feeds it. An example is a prompt plus its continuation (answer text, or image codes in
+rows separated by end-of-line tokens); `collate` turns examples into one right-padded batch.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+import torch
+from PIL import Image
+
+from ..engine import images
+from ..engine.config import WallarooConfig
+from ..engine.protocol import Prompt, build_edit, build_generate, build_understand
+from ..engine.text import TextTokenizer
+from ..shapes import LANGS, caption, edit_instruction, question_answer, random_scene, render
+
+TASKS = ("understand", "generate", "edit")
+
+
+@dataclass
+class Example:
+    """One training sequence before embedding."""
+
+    task: str
+    prompt: Prompt
+    answer_ids: list[int] = field(default_factory=list)       # understand: answer + <|im_end|>
+    target_image: Image.Image | None = None                   # generate / edit: image whose codes follow
+    source_image: Image.Image | None = None                   # understand / edit: the vision input
+    vision_grid: tuple[int, int, int] | None = None
+    vision_patches: torch.Tensor | None = None
+    pixel_source: torch.Tensor | None = None                  # edit: (1, 3, H, W) VQ input in [-1, 1]
+
+
+def make_example(task: str, rng: random.Random, tok: TextTokenizer, cfg: WallarooConfig,
+                 canvases: list[tuple[int, int]], uncond_prob: float = 0.1) -> Example:
+    """A random example of a task on one of the given canvases; prompts are dropped for CFG with uncond_prob."""
+    canvas = rng.choice(canvases)
+    lang = rng.choice(LANGS)
+    scene = random_scene(rng, canvas=canvas)
+    if task == "understand":
+        question, answer = question_answer(scene, lang, rng)
+        image = render(scene)
+        patches, grid = images.vision_inputs(image, cfg.vision)
+        prompt = build_understand(tok, cfg, question, grid)
+        ids = tok.encode(answer) + [cfg.token_id("<|im_end|>")]
+        return Example(task, prompt, answer_ids=ids, source_image=image, vision_grid=grid, vision_patches=patches)
+    if task == "generate":
+        text = "" if rng.random() < uncond_prob else caption(scene, lang, rng)
+        prompt = build_generate(tok, cfg, text, canvas, lang=lang)
+        return Example(task, prompt, target_image=render(scene))
+    if task == "edit":
+        instruction, target = edit_instruction(scene, lang, rng)
+        source = render(scene)
+        if rng.random() < uncond_prob:
+            instruction, source = "", Image.new("RGB", source.size, (0, 0, 0))
+        patches, grid = images.vision_inputs(source, cfg.vision, cfg.vision.edit_min_pixels, cfg.vision.edit_max_pixels)
+        prompt = build_edit(tok, cfg, instruction, canvas, grid, lang=lang)
+        return Example(task, prompt, target_image=render(target), source_image=source, vision_grid=grid,
+                       vision_patches=patches, pixel_source=images.vq_input(source, canvas))
+    raise ValueError(f"unknown task {task!r}")
+
+
+@dataclass
+class Batch:
+    """A right-padded batch of one task, with everything needed for the loss."""
+
+    task: str
+    ids: torch.Tensor               # (B, L) token ids (placeholders where codes go)
+    valid: torch.Tensor             # (B, L)
+    position_ids: torch.Tensor      # (3, B, L)
+    vision_patches: torch.Tensor | None
+    vision_grids: torch.Tensor | None   # (num_images, 3)
+    vision_index: torch.Tensor | None   # (rows, cols) flat (batch*L) indices receiving vision features
+    pixel_sources: torch.Tensor | None  # (B, 3, H, W)
+    pixel_index: torch.Tensor | None    # flat indices receiving pixel features, row-major per example
+    target_images: torch.Tensor | None  # (B, 3, H, W) in [-1, 1]
+    code_input_index: torch.Tensor | None   # flat indices where generated codes are fed
+    code_target_index: torch.Tensor | None  # flat indices whose hidden state predicts a code
+    text_target_index: torch.Tensor | None  # flat indices whose hidden state predicts a text token
+    text_targets: torch.Tensor | None
+
+
+def collate(examples: list[Example], cfg: WallarooConfig) -> Batch:
+    """Lay examples out as full sequences (prompt + continuation), right-padded, with loss index tables."""
+    task = examples[0].task
+    assert all(e.task == task for e in examples), "a batch holds one task"
+    ds = cfg.vq.downsample
+    eol, pad_code = cfg.token_id("<|end_of_line>|"), cfg.token_id("<|generate_image_pad|>")
+    rows_ids, rows_pos = [], []
+    vision_idx, pixel_idx, code_in, code_tgt, text_tgt, text_y = [], [], [], [], [], []
+    seqs = []
+    for e in examples:
+        ids = list(e.prompt.ids)
+        cont: list[int] = []
+        if task == "understand":
+            cont = list(e.answer_ids)
+        else:
+            h, w = e.target_image.height // ds, e.target_image.width // ds
+            for r in range(h):
+                cont += [pad_code] * w + ([eol] if r < h - 1 else [])
+        seqs.append((ids, cont))
+    length = max(len(a) + len(b) for a, b in seqs)
+    for b, (e, (ids, cont)) in enumerate(zip(examples, seqs)):
+        base = b * length
+        n_prompt = len(ids)
+        full = ids + cont
+        pos = torch.ones(3, length, dtype=torch.long)
+        pos[:, :n_prompt] = e.prompt.position_ids
+        start = int(e.prompt.position_ids[:, -1].max()) + 1
+        pos[:, n_prompt:len(full)] = torch.arange(start, start + len(cont))
+        rows_ids.append(full + [cfg.token_id("<|endoftext|>")] * (length - len(full)))
+        rows_pos.append(pos)
+        vision_idx += [base + s for s in e.prompt.vision_slots]
+        pixel_idx += [base + s for s in e.prompt.pixel_slots]
+        for j, t in enumerate(cont):
+            at = n_prompt + j
+            if task == "understand":
+                text_tgt.append(base + at - 1)
+                text_y.append(t)
+            elif t == pad_code:
+                code_in.append(base + at)
+                code_tgt.append(base + at - 1)
+    ids = torch.tensor(rows_ids, dtype=torch.long)
+    valid = torch.zeros_like(ids, dtype=torch.bool)
+    for b, (a, c) in enumerate(seqs):
+        valid[b, :len(a) + len(c)] = True
+
+    def idx(values: list[int]) -> torch.Tensor | None:
+        return torch.tensor(values, dtype=torch.long) if values else None
+
+    with_vision = [e for e in examples if e.vision_patches is not None]
+    return Batch(
+        task=task, ids=ids, valid=valid, position_ids=torch.stack(rows_pos, dim=1),
+        vision_patches=torch.cat([e.vision_patches for e in with_vision]) if with_vision else None,
+        vision_grids=torch.tensor([e.vision_grid for e in with_vision]) if with_vision else None,
+        vision_index=idx(vision_idx),
+        pixel_sources=torch.cat([e.pixel_source for e in examples]) if task == "edit" else None,
+        pixel_index=idx(pixel_idx),
+        target_images=(torch.cat([images.vq_input(e.target_image, (e.target_image.height, e.target_image.width))
+                                  for e in examples]) if task != "understand" else None),
+        code_input_index=idx(code_in), code_target_index=idx(code_tgt),
+        text_target_index=idx(text_tgt), text_targets=idx(text_y))

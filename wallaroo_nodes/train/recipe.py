@@ -1,0 +1,343 @@
+"""The tiny Wallaroo recipe: tokenizer, VQ, stage 0 (understanding pretraining standing in for Qwen2.5-VL),
+then the paper's stages 1 alignment, 2 joint pretraining, 3 multi-resolution, 4 unified fine-tuning.
+
+`python -m wallaroo_nodes.train --out runs/tiny` runs everything and exports a model folder; rerunning
+resumes from the last checkpoint. Under `torchrun --nproc-per-node N` the same script trains data-parallel.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from ..engine.config import LLMConfig, ProtocolConfig, SamplingDefaults, VisionConfig, VQConfig, WallarooConfig
+from ..engine.model import WallarooModel
+from ..engine.text import TextTokenizer
+from ..engine.vq import VQModel
+from ..engine.weights import save_model_folder
+from ..shapes import CANVAS_SIZES, random_scene, render
+from ..engine import images
+from .data import Batch, collate, make_example
+from .tokenizer import train_tokenizer
+
+ALL_CANVASES = [tuple(c) for c in CANVAS_SIZES]
+SQUARE = [(64, 64)]
+SAVE_EVERY_S = 120  # checkpoint cadence: a killed run loses at most two minutes
+
+
+@dataclass
+class Stage:
+    """One training stage: what it trains, on which tasks and canvases, for how long."""
+
+    name: str
+    steps: int
+    lr: float
+    tasks: dict[str, float]
+    canvases: list[tuple[int, int]]
+    trainable: str = "all"  # "all", or "align": only generation heads/adapters and token embeddings
+    batch_size: int = 32
+
+
+def default_stages(scale: float = 1.0) -> list[Stage]:
+    """The curriculum; `scale` stretches or shrinks every stage's step count (tests use tiny scales)."""
+    def n(steps: int) -> int:
+        return max(2, int(steps * scale))
+    return [
+        Stage("0-understanding-pretrain", n(900), 2e-3, {"understand": 1.0}, ALL_CANVASES),
+        Stage("1-alignment", n(250), 2e-3, {"generate": 1.0}, SQUARE, trainable="align"),
+        Stage("2-joint-pretrain", n(700), 1e-3, {"generate": 0.7, "understand": 0.3}, SQUARE),
+        Stage("3-multi-resolution", n(600), 1e-3, {"generate": 0.7, "understand": 0.3}, ALL_CANVASES),
+        Stage("4-unified-finetune", n(1300), 7e-4, {"generate": 0.35, "understand": 0.2, "edit": 0.45}, ALL_CANVASES),
+    ]
+
+
+def tiny_model_config(tokens: dict[str, int], vocab_size: int) -> WallarooConfig:
+    """The architecture of the bundled tiny model: same code paths as 7B, sized for two CPU cores."""
+    protocol = ProtocolConfig(sizes=[tuple(c) for c in CANVAS_SIZES], default_size=(64, 64))
+    cfg = WallarooConfig(
+        name="wallaroo-tiny-shapes",
+        llm=LLMConfig(vocab_size=vocab_size, hidden_size=256, intermediate_size=688, num_layers=4, num_heads=4,
+                      num_kv_heads=2, mrope_section=(8, 12, 12), rope_theta=10000.0, max_position_embeddings=4096),
+        # Images are upscaled to >= 112x112 so a 64 px scene gets 16 vision tokens, not 4.
+        vision=VisionConfig(depth=4, hidden_size=128, num_heads=4, intermediate_size=256, out_hidden_size=256,
+                            fullatt_block_indexes=(1, 3), min_pixels=112 * 112, max_pixels=28 * 28 * 32,
+                            edit_min_pixels=112 * 112, edit_max_pixels=28 * 28 * 32),
+        vq=VQConfig(codebook_size=1024, codebook_embed_dim=8, ch=16, ch_mult=(1, 2, 2, 4), num_res_blocks=1,
+                    z_channels=64, norm_groups=8),
+        protocol=protocol,
+        sampling=SamplingDefaults(generate_cfg=1.5, generate_top_k=50, edit_cfg=1.5, edit_top_k=50,
+                                  understand_max_new_tokens=48),
+        tokens=tokens, has_edit=True, weights_dtype="float32")
+    cfg.validate()
+    return cfg
+
+
+# --- distributed helpers ------------------------------------------------------------------------
+
+def _dist() -> tuple[int, int]:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _device(rank: int) -> torch.device:
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", rank))
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    return torch.device("cpu")
+
+
+# --- the model with its training losses -----------------------------------------------------------
+
+class TrainingModel(nn.Module):
+    """Wraps WallarooModel so one forward returns the summed text + image losses (DDP needs a forward)."""
+
+    def __init__(self, model: WallarooModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        m, dev = self.model, self.model.device
+        kind = "edit" if batch.task == "edit" else "generate"
+        embeds = m.embed_tokens(batch.ids.to(dev))
+        b, length, d = embeds.shape
+        flat = embeds.reshape(b * length, d)
+        if batch.vision_index is not None:
+            feats = m.visual(batch.vision_patches.to(dev), batch.vision_grids.to(dev))
+            flat = flat.index_copy(0, batch.vision_index.to(dev), feats.to(flat.dtype))
+        if batch.pixel_index is not None:
+            with torch.no_grad():
+                z = m.vq.encode_features(batch.pixel_sources.to(dev))
+            flat = flat.index_copy(0, batch.pixel_index.to(dev), m.pixel_adapter(z.flatten(0, 2)))
+        codes = None
+        if batch.code_input_index is not None:
+            with torch.no_grad():
+                codes = m.vq.encode(batch.target_images.to(dev)).flatten()
+            fed = m.input_adapter(kind)(m.vq.codebook_entries(codes))
+            flat = flat.index_copy(0, batch.code_input_index.to(dev), fed)
+        hidden = m(flat.view(b, length, d), batch.position_ids.to(dev), batch.valid.to(dev)).reshape(b * length, d)
+        loss = hidden.new_zeros(())
+        parts: dict[str, float] = {}
+        if batch.text_target_index is not None:
+            logits = m.lm_head(hidden[batch.text_target_index.to(dev)])
+            text_loss = F.cross_entropy(logits.float(), batch.text_targets.to(dev))
+            loss = loss + text_loss
+            parts["text"] = text_loss.item()
+        if codes is not None:
+            logits = m.image_head(kind)(hidden[batch.code_target_index.to(dev)])
+            image_loss = F.cross_entropy(logits.float(), codes)
+            loss = loss + image_loss
+            parts["image"] = image_loss.item()
+        return loss, parts
+
+
+def trainable_parameters(model: WallarooModel, mode: str) -> list[nn.Parameter]:
+    """Parameters a stage updates; the VQ tokenizer is always frozen."""
+    model.requires_grad_(False)
+    if mode == "align":
+        parts = [model.gen_image_head, model.gen_input_adapter, model.model.embed_tokens]
+    else:
+        parts = [model.model, model.lm_head, model.visual, model.gen_image_head, model.gen_input_adapter,
+                 model.edit_image_head, model.edit_input_adapter, model.pixel_adapter]
+    for p in parts:
+        p.requires_grad_(True)
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def _lr_at(step: int, total: int, peak: float) -> float:
+    warmup = max(1, min(50, total // 10))
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+# --- VQ tokenizer ---------------------------------------------------------------------------------
+
+def train_vq(cfg: VQConfig, steps: int, out: Path, seed: int, device: torch.device, rank: int,
+             batch_size: int = 32, log=print) -> VQModel:
+    """Train the LlamaGen-design VQ on shapes-world renders (all canvas sizes); resumable."""
+    ckpt = out / "vq.pt"
+    vq = VQModel(cfg).to(device)
+    opt = torch.optim.AdamW(vq.parameters(), lr=2e-3, betas=(0.9, 0.95), weight_decay=0.0)
+    start = 0
+    if ckpt.exists():
+        state = torch.load(ckpt, map_location=device, weights_only=True)
+        vq.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        start = state["step"]
+    if start >= steps:
+        return vq.eval().requires_grad_(False)
+    bar = tqdm(range(start, steps), desc="vq", initial=start, total=steps, disable=rank != 0, mininterval=5)
+    t0, seen = time.time(), 0
+    last_save = t0
+    for step in bar:
+        rng = random.Random(seed * 1_000_003 + step * 131 + rank)
+        canvas = rng.choice(ALL_CANVASES)
+        x = torch.cat([images.vq_input(render(random_scene(rng, canvas=canvas)), canvas)
+                       for _ in range(batch_size)]).to(device)
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step, steps, 2e-3)
+        recon, _codes, (vq_loss, commit) = vq(x)
+        rec = F.mse_loss(recon, x) + 0.2 * F.l1_loss(recon, x)
+        loss = rec + vq_loss + commit
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        seen += batch_size
+        bar.set_postfix(rec=f"{rec.item():.4f}", img_s=f"{seen / (time.time() - t0):.0f}", refresh=False)
+        if rank == 0 and (time.time() - last_save > SAVE_EVERY_S or step + 1 == steps):
+            last_save = time.time()
+            torch.save({"model": vq.state_dict(), "optimizer": opt.state_dict(), "step": step + 1}, ckpt)
+            log(json.dumps({"stage": "vq", "step": step + 1, "recon": round(rec.item(), 5)}))
+    return vq.eval().requires_grad_(False)
+
+
+# --- the stages -----------------------------------------------------------------------------------
+
+def run_stage(index: int, stage: Stage, model: WallarooModel, tok: TextTokenizer, out: Path, seed: int,
+              device: torch.device, rank: int, world: int, log=print) -> None:
+    """Train one stage from its checkpoint (if any) to the end, checkpointing every couple of minutes."""
+    ckpt = out / f"stage{index}.pt"
+    done_marker = out / f"stage{index}.done"
+    if done_marker.exists():
+        return
+    params = trainable_parameters(model, stage.trainable)
+    opt = torch.optim.AdamW(params, lr=stage.lr, betas=(0.9, 0.95), weight_decay=0.01)
+    start = 0
+    if ckpt.exists():
+        state = torch.load(ckpt, map_location=device, weights_only=True)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        start = state["step"]
+    trainer: nn.Module = TrainingModel(model)
+    if world > 1:
+        trainer = nn.parallel.DistributedDataParallel(trainer, find_unused_parameters=True)
+    model.train()
+    model.vq.eval()
+    tasks, weights = zip(*stage.tasks.items())
+    bar = tqdm(range(start, stage.steps), desc=f"stage {stage.name}", initial=start, total=stage.steps,
+               disable=rank != 0, mininterval=5)
+    t0, seen, ema = time.time(), 0, {}
+    last_save = t0
+    for step in bar:
+        rng = random.Random(seed * 1_000_003 + index * 10_000_019 + step * 131 + rank)
+        task = rng.choices(tasks, weights)[0]
+        canvas = rng.choice(stage.canvases)
+        per_rank = max(1, stage.batch_size // world)
+        batch = collate([make_example(task, rng, tok, model.cfg, [canvas]) for _ in range(per_rank)], model.cfg)
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step, stage.steps, stage.lr)
+        loss, parts = trainer(batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        seen += per_rank * world
+        for k, v in parts.items():
+            ema[f"{task}.{k}"] = v if f"{task}.{k}" not in ema else 0.95 * ema[f"{task}.{k}"] + 0.05 * v
+        bar.set_postfix({**{k: f"{v:.3f}" for k, v in ema.items()}, "samples/s": f"{seen / (time.time() - t0):.1f}"}, refresh=False)
+        if rank == 0 and (time.time() - last_save > SAVE_EVERY_S or step + 1 == stage.steps):
+            last_save = time.time()
+            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step + 1}, ckpt)
+            log(json.dumps({"stage": stage.name, "step": step + 1, **{k: round(v, 4) for k, v in ema.items()},
+                            "samples_per_s": round(seen / (time.time() - t0), 1)}))
+    if rank == 0:
+        torch.save({"model": model.state_dict()}, out / "latest_model.pt")
+        done_marker.write_text(json.dumps({"seconds": time.time() - t0}))
+    if world > 1:
+        dist.barrier()
+    model.eval()
+
+
+def build_or_resume(out: Path, seed: int, device: torch.device, rank: int, vq_steps: int,
+                    log=print) -> tuple[WallarooModel, TextTokenizer]:
+    """Tokenizer and VQ (trained once), then the model, initialised from the last finished stage if any."""
+    tok_path = out / "tokenizer.json"
+    meta_path = out / "tokens.json"
+    if rank == 0 and not meta_path.exists():
+        table = train_tokenizer(tok_path, ProtocolConfig(sizes=[tuple(c) for c in CANVAS_SIZES]))
+        meta_path.write_text(json.dumps(table))
+    if dist.is_initialized():
+        dist.barrier()
+    table = json.loads(meta_path.read_text())
+    from tokenizers import Tokenizer
+    vocab = (Tokenizer.from_file(str(tok_path)).get_vocab_size() + 63) // 64 * 64
+    cfg = tiny_model_config(table, vocab)
+    torch.manual_seed(seed)
+    model = WallarooModel(cfg).to(device)
+    _init_weights(model)
+    vq = train_vq(cfg.vq, vq_steps, out, seed, device, rank, log=log)
+    model.vq.load_state_dict(vq.state_dict())
+    latest = out / "latest_model.pt"
+    if latest.exists():
+        model.load_state_dict(torch.load(latest, map_location=device, weights_only=True)["model"])
+    return model, TextTokenizer(tok_path, cfg.tokens)
+
+
+def _init_weights(model: WallarooModel) -> None:
+    # GPT-style small init for the transformer parts; the VQ keeps its own (it is trained separately).
+    for name, module in model.named_modules():
+        if name.startswith("vq"):
+            continue
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=0.02)
+
+
+def export(model: WallarooModel, tok_path: Path, folder: Path, sampling: SamplingDefaults | None = None) -> Path:
+    """Write the trained model as a model folder (the format `wallaroo convert` produces)."""
+    cfg = replace(model.cfg, sampling=sampling or model.cfg.sampling)
+    return save_model_folder(folder, cfg, model.state_dict().items(), tok_path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m wallaroo_nodes.train", description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("runs/tiny"), help="run folder (checkpoints, logs)")
+    parser.add_argument("--export", type=Path, default=None, help="model folder to write at the end")
+    parser.add_argument("--scale", type=float, default=1.0, help="multiply every stage's steps")
+    parser.add_argument("--vq-steps", type=int, default=800)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rank, world = _dist()
+    device = _device(rank)
+    args.out.mkdir(parents=True, exist_ok=True)
+    log_file = args.out / "train_log.jsonl"
+
+    def log(line: str) -> None:
+        if rank == 0:
+            with open(log_file, "a", encoding="utf-8") as f:
+                f.write(line + "\n")
+
+    t0 = time.time()
+    model, tok = build_or_resume(args.out, args.seed, device, rank, args.vq_steps, log)
+    for i, stage in enumerate(default_stages(args.scale)):
+        run_stage(i, stage, model, tok, args.out, args.seed, device, rank, world, log)
+    if rank == 0:
+        log(json.dumps({"event": "finished", "seconds_this_run": round(time.time() - t0, 1)}))
+        if args.export:
+            export(model, args.out / "tokenizer.json", args.export)
+            print(f"exported {args.export}")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 0
