@@ -7,8 +7,11 @@ tensor name and shape against the model, and only then materialises weights in t
 """
 from __future__ import annotations
 
+import argparse
 import json
+import pickle
 import re
+import zipfile
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Iterable
@@ -20,7 +23,7 @@ from safetensors.torch import save_file
 from .attention import resolve_backend
 from .config import ConfigError, LLMConfig, VisionConfig, VQConfig, WallarooConfig
 from .model import WallarooModel
-from .text import TextTokenizer
+from .text import TextTokenizer, TokenizerError
 
 CONFIG_FILE, INDEX_FILE, SINGLE_FILE, TOKENIZER_FILE = (
     "config.json", "model.safetensors.index.json", "model.safetensors", "tokenizer.json")
@@ -168,7 +171,10 @@ def pick_device(device: str | torch.device | None) -> torch.device:
     """'auto'/None -> cuda when available, else cpu; anything else is checked."""
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {device!r}; use 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' requested but no CUDA GPU is available; use device='cpu' or 'auto'")
     return device
@@ -210,16 +216,25 @@ def load_model(folder: str | Path, dtype: str | torch.dtype | None = "auto", dev
 
 # --- conversion from the official release --------------------------------------------------------
 
+_OFFICIAL_HEAD = re.compile(r"(gen_image_head|edit_image_head|pixel_adapter|(gen|edit)_input_(adpater|adapter))\.")
+
+
 def _official_name(name: str) -> str | None:
-    """Map a name from the official checkpoint to ours; None for names inference does not use."""
-    name = name.removeprefix("module.")
-    if not name.startswith("wallaroo.") and not re.match(r"(gen|edit)_|pixel_adapter", name):
-        return None if name.startswith("wallaroo") else name
-    name = name.removeprefix("wallaroo.")
-    # Newer transformers nest the backbone differently; accept both layouts.
-    name = re.sub(r"^model\.language_model\.", "model.", name)
-    name = re.sub(r"^model\.visual\.", "visual.", name)
-    return name.replace("_adpater", "_adapter")
+    """Map a name from the official checkpoint to ours; None for a name that belongs to no known part.
+
+    The reference's outer `Wallaroo` module holds the backbone as `self.wallaroo` (a Qwen2.5-VL
+    ForConditionalGeneration: `model.*`, `visual.*`, `lm_head.weight`) and the heads as its own attributes, so
+    backbone names carry a `wallaroo.` prefix and head names (with the `adpater` misspelling) do not.
+    """
+    name = name.removeprefix("module.")  # a DDP/DeepSpeed wrapper's prefix, should a checkpoint keep one
+    if name.startswith("wallaroo."):
+        name = name[len("wallaroo."):]
+        # Newer transformers nest the backbone as model.language_model.* / model.visual.*; accept both layouts.
+        name = re.sub(r"^model\.language_model\.", "model.", name)
+        return re.sub(r"^model\.visual\.", "visual.", name)
+    if not _OFFICIAL_HEAD.match(name):
+        return None
+    return re.sub(r"^(gen|edit)_input_adpater\.", r"\1_input_adapter.", name)
 
 
 def config_from_qwen(qwen_config: dict, preprocessor: dict | None = None) -> tuple[LLMConfig, VisionConfig]:
@@ -259,7 +274,10 @@ def add_wallaroo_tokens(tokenizer_json: str | Path, out_path: str | Path,
     """Append Wallaroo's tokens to a Qwen tokenizer in the reference order; return the token table."""
     from tokenizers import AddedToken, Tokenizer
 
-    tok = Tokenizer.from_file(str(tokenizer_json))
+    try:
+        tok = Tokenizer.from_file(str(tokenizer_json))
+    except Exception as exc:  # tokenizers raises a bare Exception on malformed files
+        raise TokenizerError(f"{tokenizer_json}: cannot read tokenizer ({exc})") from None
     for name in QWEN_TOKENS[:6]:
         if tok.token_to_id(name) is None:
             raise WeightsError(f"{tokenizer_json}: not a Qwen2.5-VL tokenizer (no {name!r} token)")
@@ -272,11 +290,48 @@ def add_wallaroo_tokens(tokenizer_json: str | Path, out_path: str | Path,
     return {k: v for k, v in table.items() if v is not None}
 
 
+def vq_config_from_state(state: dict[str, torch.Tensor], path: Path) -> VQConfig:
+    """LlamaGen VQ sizes read from its tensor shapes (GroupNorm groups are LlamaGen's fixed 32)."""
+    try:
+        codebook, conv_in, quant_conv = (state[k] for k in (
+            "quantize.embedding.weight", "encoder.conv_in.weight", "quant_conv.weight"))
+    except KeyError as exc:
+        raise WeightsError(f"{path}: no tensor {exc.args[0]!r}; not a LlamaGen VQ checkpoint") from None
+    ch = conv_in.shape[0]
+    widths: dict[int, int] = {}
+    blocks: set[int] = set()
+    for name, t in state.items():
+        m = re.fullmatch(r"encoder\.conv_blocks\.(\d+)\.res\.(\d+)\.conv1\.weight", name)
+        if m:
+            level, block = int(m[1]), int(m[2])
+            widths[level] = t.shape[0]  # every res block of a level outputs the level's width
+            if level == 0:
+                blocks.add(block)
+    if not widths or sorted(widths) != list(range(len(widths))) or any(w % ch for w in widths.values()):
+        raise WeightsError(f"{path}: encoder.conv_blocks.* tensors do not form a LlamaGen VQ encoder")
+    return VQConfig(codebook_size=codebook.shape[0], codebook_embed_dim=codebook.shape[1], ch=ch,
+                    ch_mult=tuple(widths[i] // ch for i in range(len(widths))), num_res_blocks=len(blocks),
+                    z_channels=quant_conv.shape[1], in_channels=conv_in.shape[1])
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
 def convert_official(checkpoint: str | Path, vq_checkpoint: str | Path, qwen_dir: str | Path, out_dir: str | Path,
-                     dtype: str = "bf16", progress: Callable[[str], None] | None = None) -> Path:
+                     dtype: str = "bf16", progress: Callable[[str], None] | None = None,
+                     shard_bytes: int = 2 << 30) -> Path:
     """Official `checkpoint.ckpt` + LlamaGen `vq_ds16_t2i.pt` + Qwen2.5-VL tokenizer/config -> model folder."""
     checkpoint, vq_checkpoint, qwen_dir, out = Path(checkpoint), Path(vq_checkpoint), Path(qwen_dir), Path(out_dir)
     say = progress or (lambda _msg: None)
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r} for the converted weights; choose bf16, fp16 or fp32")
     for path, what in ((checkpoint, "Wallaroo checkpoint"), (vq_checkpoint, "LlamaGen VQ checkpoint")):
         if not path.is_file():
             raise WeightsError(f"{path}: {what} not found")
@@ -284,58 +339,89 @@ def convert_official(checkpoint: str | Path, vq_checkpoint: str | Path, qwen_dir
         if not (qwen_dir / name).is_file():
             raise WeightsError(f"{qwen_dir / name}: missing; pass the Qwen2.5-VL-7B-Instruct folder "
                                "(config.json and tokenizer.json)")
-    qwen_cfg = json.loads((qwen_dir / "config.json").read_text())
+    if out.exists() and not out.is_dir():
+        raise WeightsError(f"{out}: exists and is not a folder; choose another output folder")
+    qwen_path = qwen_dir / "config.json"
     pre_path = qwen_dir / "preprocessor_config.json"
-    llm, vision = config_from_qwen(qwen_cfg, json.loads(pre_path.read_text()) if pre_path.is_file() else None)
+    qwen_cfg, preprocessor = _read_json(qwen_path), (_read_json(pre_path) if pre_path.is_file() else None)
+    try:
+        llm, vision = config_from_qwen(qwen_cfg, preprocessor)
+    except ConfigError as exc:
+        raise ConfigError(f"{qwen_path}: {exc}") from None
 
     say(f"reading {checkpoint}")
-    state = _torch_load(checkpoint)
-    state = state.get("state_dict", state)
+    state = _torch_load(checkpoint, "state_dict")
     say(f"reading {vq_checkpoint}")
-    vq_state = _torch_load(vq_checkpoint)
-    vq_state = vq_state.get("model", vq_state)
+    vq_state = _torch_load(vq_checkpoint, "model")
 
     tensors: dict[str, torch.Tensor] = {}
     for name, t in state.items():
         ours = _official_name(name)
-        if ours is not None and isinstance(t, torch.Tensor):
-            tensors[ours] = t
+        if ours is None or not isinstance(t, torch.Tensor):
+            raise WeightsError(f"{checkpoint}: unexpected entry {name!r}; not an official Wallaroo checkpoint")
+        tensors[ours] = t
     for name, t in vq_state.items():
-        if name.endswith("codebook_used") or not isinstance(t, torch.Tensor):
+        if name.endswith("codebook_used"):
             continue  # a training statistic, unused at inference
+        if not isinstance(t, torch.Tensor):
+            raise WeightsError(f"{vq_checkpoint}: entry {name!r} is not a tensor; not a LlamaGen VQ checkpoint")
         tensors["vq." + name] = t
-    if "vq.quantize.embedding.weight" not in tensors:
-        raise WeightsError(f"{vq_checkpoint}: no tensor 'quantize.embedding.weight'; not a LlamaGen VQ checkpoint")
-    codebook = tensors["vq.quantize.embedding.weight"]
-    vq = VQConfig(codebook_size=codebook.shape[0], codebook_embed_dim=codebook.shape[1])
+    vq = vq_config_from_state(vq_state, vq_checkpoint)
     out.mkdir(parents=True, exist_ok=True)
     token_table = add_wallaroo_tokens(qwen_dir / TOKENIZER_FILE, out / TOKENIZER_FILE)
     cfg = WallarooConfig(name="wallaroo-7b" if llm.hidden_size == 3584 else f"wallaroo-{llm.hidden_size}",
                          llm=llm, vision=vision, vq=vq, tokens=token_table,
                          has_edit=any(k.startswith("edit_image_head.") for k in tensors),
                          weights_dtype=str(DTYPES[dtype]).removeprefix("torch."))
-    cfg.validate()
+    try:
+        cfg.validate()
+    except ConfigError as exc:
+        raise ConfigError(f"{qwen_dir}: the Qwen config, tokenizer and VQ checkpoint do not fit together ({exc})") from None
     # Check names and shapes before writing anything large.
     with torch.device("meta"):
         expected = {k: v.shape for k, v in WallarooModel(cfg).state_dict().items()}
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
+
+    def source(name: str) -> Path:
+        return vq_checkpoint if name.startswith("vq.") else checkpoint
+
     if missing:
-        raise WeightsError(f"{checkpoint}: tensor {missing[0]!r} missing ({len(missing)} in all)")
+        raise WeightsError(f"{source(missing[0])}: tensor {missing[0]!r} missing ({len(missing)} missing in all)")
     if unexpected:
-        raise WeightsError(f"{checkpoint}: unexpected tensor {unexpected[0]!r} ({len(unexpected)} in all)")
+        raise WeightsError(f"{source(unexpected[0])}: unexpected tensor {unexpected[0]!r} "
+                           f"({len(unexpected)} unexpected in all)")
     for k, shape in expected.items():
         if tuple(tensors[k].shape) != tuple(shape):
-            source = vq_checkpoint if k.startswith("vq.") else checkpoint
-            raise WeightsError(f"{source}: tensor {k!r} has shape {list(tensors[k].shape)}, expected {list(shape)} "
-                               f"from {qwen_dir / 'config.json'}")
-    say(f"writing {out}")
-    save_model_folder(out, cfg, ((k, tensors[k]) for k in expected), out / TOKENIZER_FILE, dtype=DTYPES[dtype])
+            raise WeightsError(f"{source(k)}: tensor {k!r} has shape {list(tensors[k].shape)}, expected {list(shape)} "
+                               f"from {qwen_path} and the VQ checkpoint")
+    say(f"checked {len(expected)} tensors; writing {dtype} safetensors to {out}")
+    save_model_folder(out, cfg, ((k, tensors[k]) for k in expected), out / TOKENIZER_FILE, shard_bytes=shard_bytes,
+                      dtype=DTYPES[dtype])
     return out
 
 
-def _torch_load(path: Path) -> dict:
+def _torch_load(path: Path, key: str) -> dict[str, object]:
+    """The `key` dict of a torch.save checkpoint, read with weights_only=True (pickled code is refused)."""
+    # Legacy (non-zip) torch.save files cannot be memory-mapped; both kinds are read with weights_only.
+    is_zip = zipfile.is_zipfile(path)
     try:
-        return torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-    except Exception as exc:  # pickle errors, zip errors, refused globals: all mean "not a usable checkpoint"
-        raise WeightsError(f"{path}: cannot read as a PyTorch checkpoint with weights_only=True ({exc})") from None
+        # LlamaGen's training scripts save their argparse.Namespace under "args"; that plain attribute holder
+        # runs no code when unpickled, so it is the one class allowed beyond weights_only's defaults.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=is_zip)
+    except pickle.UnpicklingError as exc:
+        refused = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        if refused:
+            raise WeightsError(f"{path}: refused to load: the pickle would call {refused[1]}, which weights_only=True "
+                               "does not allow; only plain-tensor checkpoints are accepted") from None
+        raise WeightsError(f"{path}: not a PyTorch checkpoint ({str(exc).splitlines()[0]})") from None
+    except Exception as exc:  # zip, pickle and format errors all mean "not a usable checkpoint"
+        # Errors from parsing a non-zip file are byte-level noise (e.g. KeyError: 105); only zip ones say more.
+        detail = f" ({str(exc).splitlines()[0]})" if is_zip and str(exc) else ""
+        raise WeightsError(f"{path}: not a PyTorch checkpoint written by torch.save{detail}; check the path") from None
+    if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+        obj = obj[key]
+    if not isinstance(obj, dict) or not obj:
+        raise WeightsError(f"{path}: holds no {key!r} dict of tensors; not the expected checkpoint")
+    return obj

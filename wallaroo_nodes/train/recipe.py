@@ -185,14 +185,19 @@ def train_vq(cfg: VQConfig, steps: int, out: Path, seed: int, device: torch.devi
     bar = tqdm(range(start, steps), desc="vq", initial=start, total=steps, disable=rank != 0, mininterval=5)
     t0, seen = time.time(), 0
     last_save = t0
+    usage = torch.zeros(cfg.codebook_size, device=device)
     for step in bar:
         rng = random.Random(seed * 1_000_003 + step * 131 + rank)
         canvas = rng.choice(ALL_CANVASES)
         x = torch.cat([images.vq_input(render(random_scene(rng, canvas=canvas)), canvas)
                        for _ in range(batch_size)]).to(device)
+        if step == start or (step % RESET_EVERY == 0 and step < 0.85 * steps):
+            _restart_dead_codes(vq, x, usage if step != start else torch.zeros_like(usage), rng)
+            usage.zero_()
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, steps, 2e-3)
-        recon, _codes, (vq_loss, commit) = vq(x)
+        recon, codes, (vq_loss, commit) = vq(x)
+        usage.index_add_(0, codes.flatten(), torch.ones(codes.numel(), device=device))
         rec = F.mse_loss(recon, x) + 0.2 * F.l1_loss(recon, x)
         loss = rec + vq_loss + commit
         opt.zero_grad(set_to_none=True)
@@ -205,6 +210,27 @@ def train_vq(cfg: VQConfig, steps: int, out: Path, seed: int, device: torch.devi
             torch.save({"model": vq.state_dict(), "optimizer": opt.state_dict(), "step": step + 1}, ckpt)
             log(json.dumps({"stage": "vq", "step": step + 1, "recon": round(rec.item(), 5)}))
     return vq.eval().requires_grad_(False)
+
+
+RESET_EVERY = 20
+
+
+@torch.no_grad()
+def _restart_dead_codes(vq: VQModel, x: torch.Tensor, usage: torch.Tensor, rng: random.Random) -> int:
+    """Move codes unused since the last check onto random current encoder outputs (plus jitter).
+
+    An l2-normalised codebook trained by gradient alone collapses to a handful of codes on this data
+    (2 of 1024 after 70 steps); restarting dead codes keeps the whole codebook in play.
+    """
+    dead = (usage == 0).nonzero().flatten()
+    if dead.numel() == 0:
+        return 0
+    z = vq.encode_features(x).reshape(-1, vq.cfg.codebook_embed_dim)
+    g = torch.Generator(device="cpu").manual_seed(rng.randrange(1 << 30))
+    pick = torch.randint(0, z.shape[0], (dead.numel(),), generator=g).to(z.device)
+    jitter = 0.02 * torch.randn(dead.numel(), z.shape[1], generator=g).to(z.device)
+    vq.quantize.embedding.weight[dead] = F.normalize(z[pick] + jitter, dim=-1)
+    return int(dead.numel())
 
 
 # --- the stages -----------------------------------------------------------------------------------
