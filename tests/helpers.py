@@ -71,3 +71,20 @@ def randomize_(model: torch.nn.Module, seed: int = 0, scale: float = 0.2) -> tor
             else:
                 p.copy_(scale * torch.randn(p.shape, generator=g) / max(1, p.shape[-1]) ** 0.5 * 3)
     return model
+
+
+def make_model_folder(tmp: Path, seed: int = 0) -> Path:
+    """A complete model folder (config, safetensors, tokenizer) of a random-weights tiny model.
+
+    Stands in for the bundled trained model where a test needs any working folder; such tests assert
+    types, shapes and ranges, not content.
+    """
+    from wallaroo_nodes.engine.model import WallarooModel
+    from wallaroo_nodes.engine.weights import save_model
+
+    tmp = Path(tmp)
+    tmp.mkdir(parents=True, exist_ok=True)
+    tok_path, cfg = make_tokenizer_and_config(tmp)
+    torch.manual_seed(seed)
+    model = randomize_(WallarooModel(cfg), seed=seed, scale=0.7).eval()
+    return save_model(model, tmp / "model", tok_path)
