@@ -169,11 +169,11 @@ def _lr_at(step: int, total: int, peak: float) -> float:
 # --- VQ tokenizer ---------------------------------------------------------------------------------
 
 def train_vq(cfg: VQConfig, steps: int, out: Path, seed: int, device: torch.device, rank: int,
-             batch_size: int = 32, log=print) -> VQModel:
+             batch_size: int = 16, log=print) -> VQModel:
     """Train the LlamaGen-design VQ on shapes-world renders (all canvas sizes); resumable."""
     ckpt = out / "vq.pt"
     vq = VQModel(cfg).to(device)
-    opt = torch.optim.AdamW(vq.parameters(), lr=2e-3, betas=(0.9, 0.95), weight_decay=0.0)
+    opt = torch.optim.AdamW(vq.parameters(), lr=VQ_LR, betas=(0.9, 0.95), weight_decay=0.0)
     start = 0
     if ckpt.exists():
         state = torch.load(ckpt, map_location=device, weights_only=True)
@@ -186,20 +186,29 @@ def train_vq(cfg: VQConfig, steps: int, out: Path, seed: int, device: torch.devi
     t0, seen = time.time(), 0
     last_save = t0
     usage = torch.zeros(cfg.codebook_size, device=device)
+    warm = int(0.45 * steps)
     for step in bar:
         rng = random.Random(seed * 1_000_003 + step * 131 + rank)
         canvas = rng.choice(ALL_CANVASES)
         x = torch.cat([images.vq_input(render(random_scene(rng, canvas=canvas)), canvas)
                        for _ in range(batch_size)]).to(device)
-        if step == start or (step % RESET_EVERY == 0 and step < 0.85 * steps):
-            _restart_dead_codes(vq, x, usage if step != start else torch.zeros_like(usage), rng)
-            usage.zero_()
         for g in opt.param_groups:
-            g["lr"] = _lr_at(step, steps, 2e-3)
-        recon, codes, (vq_loss, commit) = vq(x)
-        usage.index_add_(0, codes.flatten(), torch.ones(codes.numel(), device=device))
-        rec = F.mse_loss(recon, x) + 0.2 * F.l1_loss(recon, x)
-        loss = rec + vq_loss + commit
+            g["lr"] = _lr_at(step, steps, VQ_LR)
+        if step < warm:
+            # Phase 1: a plain autoencoder through the l2-normalised bottleneck. Quantising from step 0
+            # left the decoder chasing a codebook that moved under it, and it learnt nothing for 500 steps.
+            recon = vq.decode_features(vq.encode_features(x).permute(0, 3, 1, 2))
+            rec = F.mse_loss(recon, x) + 0.2 * F.l1_loss(recon, x)
+            loss = rec
+        else:
+            # Phase 2: quantise, the codebook seeded from (and kept alive by) encoder outputs.
+            if step == warm or (step % RESET_EVERY == 0 and step < 0.9 * steps) or step == start:
+                _restart_dead_codes(vq, x, usage if step not in (warm, start) else torch.zeros_like(usage), rng)
+                usage.zero_()
+            recon, codes, (vq_loss, commit) = vq(x)
+            usage.index_add_(0, codes.flatten(), torch.ones(codes.numel(), device=device))
+            rec = F.mse_loss(recon, x) + 0.2 * F.l1_loss(recon, x)
+            loss = rec + vq_loss + commit
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -213,6 +222,8 @@ def train_vq(cfg: VQConfig, steps: int, out: Path, seed: int, device: torch.devi
 
 
 RESET_EVERY = 20
+# This deep GroupNorm conv net diverges or stalls at 2e-3 on the shapes world; 4e-4 learns ~5x faster.
+VQ_LR = 4e-4
 
 
 @torch.no_grad()
@@ -339,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("runs/tiny"), help="run folder (checkpoints, logs)")
     parser.add_argument("--export", type=Path, default=None, help="model folder to write at the end")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every stage's steps")
-    parser.add_argument("--vq-steps", type=int, default=800)
+    parser.add_argument("--vq-steps", type=int, default=1500)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
     args = parser.parse_args(argv)
