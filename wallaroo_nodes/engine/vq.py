@@ -173,9 +173,12 @@ class Quantizer(nn.Module):
     def __init__(self, codebook_size: int, dim: int):
         super().__init__()
         self.embedding = nn.Embedding(codebook_size, dim)
-        with torch.no_grad():
-            self.embedding.weight.uniform_(-1.0 / codebook_size, 1.0 / codebook_size)
-            self.embedding.weight.copy_(F.normalize(self.embedding.weight, dim=-1))
+        if not self.embedding.weight.is_meta:
+            # Skipped on the meta device (weights about to be loaded): there, normalize's first call
+            # imports torch's reference decompositions and costs seconds.
+            with torch.no_grad():
+                self.embedding.weight.uniform_(-1.0 / codebook_size, 1.0 / codebook_size)
+                self.embedding.weight.copy_(F.normalize(self.embedding.weight, dim=-1))
 
     def normalized(self) -> torch.Tensor:
         """The codebook with unit-norm rows, [codebook_size, dim]."""

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import argparse
 import json
+from contextlib import contextmanager
 import pickle
 import re
 import zipfile
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -40,6 +41,27 @@ QWEN_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>"
 
 class WeightsError(ValueError):
     """A weights file is missing, truncated, or does not match the model; the message names file and tensor."""
+
+
+_INITIALISERS = ("normal_", "uniform_", "kaiming_uniform_", "kaiming_normal_", "trunc_normal_", "xavier_uniform_",
+                 "xavier_normal_", "zeros_", "ones_", "constant_")
+
+
+@contextmanager
+def skip_parameter_init() -> Iterator[None]:
+    """Make torch.nn.init a no-op while building a model whose weights are about to be loaded.
+
+    On the meta device the first initialiser call imports torch's reference decompositions (seconds of
+    startup for every CLI call); the values would be overwritten anyway.
+    """
+    saved = {name: getattr(torch.nn.init, name) for name in _INITIALISERS}
+    try:
+        for name in _INITIALISERS:
+            setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(torch.nn.init, name, fn)
 
 
 # --- writing ------------------------------------------------------------------------------------
@@ -204,7 +226,7 @@ def load_model(folder: str | Path, dtype: str | torch.dtype | None = "auto", dev
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
     backend = resolve_backend(attention, dev)
-    with torch.device("meta"):
+    with torch.device("meta"), skip_parameter_init():
         model = WallarooModel(cfg)
     expected = {k: (v.shape, v.dtype) for k, v in model.state_dict().items()}
     tensors = read_tensors(folder, expected, dt, dev)
@@ -378,7 +400,7 @@ def convert_official(checkpoint: str | Path, vq_checkpoint: str | Path, qwen_dir
     except ConfigError as exc:
         raise ConfigError(f"{qwen_dir}: the Qwen config, tokenizer and VQ checkpoint do not fit together ({exc})") from None
     # Check names and shapes before writing anything large.
-    with torch.device("meta"):
+    with torch.device("meta"), skip_parameter_init():
         expected = {k: v.shape for k, v in WallarooModel(cfg).state_dict().items()}
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
