@@ -21,15 +21,6 @@ from wallaroo_sdk.cli import main, part_of
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny tensors on shared cores: extra intra-op threads only spin against other processes.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A model folder saved from the tiny test model, in several shards, and the model itself."""

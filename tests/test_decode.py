@@ -32,15 +32,6 @@ EDIT = "make it blue"
 QUESTION = "What shape is in the picture?"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The model is tiny: extra threads only add overhead on a shared CPU.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     tok_path, cfg = make_tokenizer_and_config(tmp_path_factory.mktemp("decode"))

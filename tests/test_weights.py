@@ -30,15 +30,6 @@ TOLERANCE = 1e-5
 ROWS = 2  # image runs decode only the first rows: enough to compare codes, cheap on two shared cores
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny matmuls on shared cores: extra intra-op threads only spin against other processes (~20x slower).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def release(tmp_path_factory) -> Release:
     return make_release(tmp_path_factory.mktemp("release"))

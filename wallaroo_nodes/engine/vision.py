@@ -12,21 +12,7 @@ import torch.nn.functional as F
 
 from .attention import varlen_attention
 from .config import VisionConfig
-
-
-class RMSNorm(nn.Module):
-    """Root-mean-square norm computed in float32, scaled in the input dtype (as Qwen2.5-VL does)."""
-
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+from .llm import RMSNorm  # the same Qwen2 RMSNorm serves both towers
 
 
 class PatchEmbed(nn.Module):
