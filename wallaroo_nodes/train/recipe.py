@@ -302,7 +302,7 @@ def run_stage(index: int, stage: Stage, model: WallarooModel, tok: TextTokenizer
 
 
 def build_or_resume(out: Path, seed: int, device: torch.device, rank: int, vq_steps: int,
-                    log=print) -> tuple[WallarooModel, TextTokenizer]:
+                    log=print, vq_batch: int = 16) -> tuple[WallarooModel, TextTokenizer]:
     """Tokenizer and VQ (trained once), then the model, initialised from the last finished stage if any."""
     tok_path = out / "tokenizer.json"
     meta_path = out / "tokens.json"
@@ -318,7 +318,7 @@ def build_or_resume(out: Path, seed: int, device: torch.device, rank: int, vq_st
     torch.manual_seed(seed)
     model = WallarooModel(cfg).to(device)
     _init_weights(model)
-    vq = train_vq(cfg.vq, vq_steps, out, seed, device, rank, log=log)
+    vq = train_vq(cfg.vq, vq_steps, out, seed, device, rank, batch_size=vq_batch, log=log)
     model.vq.load_state_dict(vq.state_dict())
     latest = out / "latest_model.pt"
     if latest.exists():
@@ -353,6 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vq-steps", type=int, default=1500)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
+    parser.add_argument("--batch-size", type=int, default=0, help="override every stage's batch size (0 = recipe's)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -367,8 +368,11 @@ def main(argv: list[str] | None = None) -> int:
                 f.write(line + "\n")
 
     t0 = time.time()
-    model, tok = build_or_resume(args.out, args.seed, device, rank, args.vq_steps, log)
+    model, tok = build_or_resume(args.out, args.seed, device, rank, args.vq_steps, log,
+                                 vq_batch=args.batch_size or 16)
     for i, stage in enumerate(default_stages(args.scale)):
+        if args.batch_size:
+            stage = replace(stage, batch_size=args.batch_size)
         run_stage(i, stage, model, tok, args.out, args.seed, device, rank, world, log)
     if rank == 0:
         log(json.dumps({"event": "finished", "seconds_this_run": round(time.time() - t0, 1)}))
