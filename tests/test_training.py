@@ -67,7 +67,7 @@ def test_each_stage_lowers_its_loss(setup, index):
 
 def test_recipe_runs_end_to_end_resumes_and_exports(tmp_path):
     out, export = tmp_path / "run", tmp_path / "model"
-    args = ["--out", str(out), "--scale", "0.0001", "--vq-steps", "2", "--batch-size", "2", "--export", str(export)]
+    args = ["--out", str(out), "--scale", "0.0001", "--vq-steps", "2", "--vq-warm-steps", "1", "--batch-size", "2", "--export", str(export)]
     assert main(args) == 0
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert {e.get("stage") for e in log} >= {"vq", "0-understanding-pretrain", "4-unified-finetune"}

@@ -22,6 +22,7 @@ EVAL_SEED_BASE = 1 << 40
 BARS = {"understanding.accuracy": 0.95, "generation.one_object": 0.90, "generation.two_objects": 0.75,
         "editing.success": 0.80}
 BATCH = 16
+BALANCE = 0.05  # largest allowed gap between a language's or canvas size's score and the overall one
 
 
 def _size_name(size: tuple[int, int]) -> str:
@@ -139,6 +140,12 @@ def evaluate(pipe: Pipeline, n: int = 200, *, cfg: float | None = None, top_k: i
 
     report["bars"] = {k: {"bar": v, "value": _get(report, k), "pass": (_get(report, k) or 0) >= v}
                       for k, v in BARS.items() if _get(report, k) is not None}
+    # Every language and canvas size should be within BALANCE of its task's overall figure.
+    for section, overall_key in (("understanding", "accuracy"), ("generation", "overall"), ("editing", "success")):
+        if section in report:
+            overall = report[section][overall_key]
+            worst = max(abs(v - overall) for key in ("by_language", "by_size") for v in report[section][key].values())
+            report["bars"][f"{section}.balance"] = {"bar": BALANCE, "value": round(worst, 4), "pass": worst <= BALANCE}
     report["seconds"] = round(time.time() - t0, 1)
     return report, samples
 

@@ -54,11 +54,11 @@ def default_stages(scale: float = 1.0) -> list[Stage]:
     def n(steps: int) -> int:
         return max(2, int(steps * scale))
     return [
-        Stage("0-understanding-pretrain", n(900), 2e-3, {"understand": 1.0}, ALL_CANVASES),
-        Stage("1-alignment", n(250), 2e-3, {"generate": 1.0}, SQUARE, trainable="align"),
-        Stage("2-joint-pretrain", n(700), 1e-3, {"generate": 0.7, "understand": 0.3}, SQUARE),
-        Stage("3-multi-resolution", n(600), 1e-3, {"generate": 0.7, "understand": 0.3}, ALL_CANVASES),
-        Stage("4-unified-finetune", n(1300), 7e-4, {"generate": 0.35, "understand": 0.2, "edit": 0.45}, ALL_CANVASES),
+        Stage("0-understanding-pretrain", n(900), 1e-3, {"understand": 1.0}, ALL_CANVASES),
+        Stage("1-alignment", n(250), 1e-3, {"generate": 1.0}, SQUARE, trainable="align"),
+        Stage("2-joint-pretrain", n(700), 7e-4, {"generate": 0.7, "understand": 0.3}, SQUARE),
+        Stage("3-multi-resolution", n(600), 7e-4, {"generate": 0.7, "understand": 0.3}, ALL_CANVASES),
+        Stage("4-unified-finetune", n(1300), 5e-4, {"generate": 0.35, "understand": 0.2, "edit": 0.45}, ALL_CANVASES),
     ]
 
 
@@ -168,8 +168,22 @@ def _lr_at(step: int, total: int, peak: float) -> float:
 
 # --- VQ tokenizer ---------------------------------------------------------------------------------
 
+def _reconstruction_loss(recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """MSE + L1 with object pixels weighted 10x.
+
+    Objects cover a few percent of a shapes-world image, so a plain pixel loss learns the background and
+    leaves objects as blobs of the wrong colour; the background is read off each image's border.
+    """
+    border = torch.cat([x[:, :, 0], x[:, :, -1], x[:, :, :, 0], x[:, :, :, -1]], dim=2)
+    background = border.median(dim=2).values[:, :, None, None]
+    foreground = ((x - background).abs().sum(1, keepdim=True) > 0.1).float()
+    weight = 1.0 + 9.0 * foreground
+    err = recon - x
+    return (weight * (err.pow(2) + 0.2 * err.abs())).mean() / weight.mean()
+
+
 def train_vq(cfg: VQConfig, steps: int, out: Path, seed: int, device: torch.device, rank: int,
-             batch_size: int = 16, log=print) -> VQModel:
+             batch_size: int = 16, log=print, warm_steps: int | None = None) -> VQModel:
     """Train the LlamaGen-design VQ on shapes-world renders (all canvas sizes); resumable."""
     ckpt = out / "vq.pt"
     vq = VQModel(cfg).to(device)
@@ -186,7 +200,7 @@ def train_vq(cfg: VQConfig, steps: int, out: Path, seed: int, device: torch.devi
     t0, seen = time.time(), 0
     last_save = t0
     usage = torch.zeros(cfg.codebook_size, device=device)
-    warm = int(0.45 * steps)
+    warm = int(0.45 * steps) if warm_steps is None else warm_steps
     for step in bar:
         rng = random.Random(seed * 1_000_003 + step * 131 + rank)
         canvas = rng.choice(ALL_CANVASES)
@@ -198,7 +212,7 @@ def train_vq(cfg: VQConfig, steps: int, out: Path, seed: int, device: torch.devi
             # Phase 1: a plain autoencoder through the l2-normalised bottleneck. Quantising from step 0
             # left the decoder chasing a codebook that moved under it, and it learnt nothing for 500 steps.
             recon = vq.decode_features(vq.encode_features(x).permute(0, 3, 1, 2))
-            rec = F.mse_loss(recon, x) + 0.2 * F.l1_loss(recon, x)
+            rec = _reconstruction_loss(recon, x)
             loss = rec
         else:
             # Phase 2: quantise, the codebook seeded from (and kept alive by) encoder outputs.
@@ -207,7 +221,7 @@ def train_vq(cfg: VQConfig, steps: int, out: Path, seed: int, device: torch.devi
                 usage.zero_()
             recon, codes, (vq_loss, commit) = vq(x)
             usage.index_add_(0, codes.flatten(), torch.ones(codes.numel(), device=device))
-            rec = F.mse_loss(recon, x) + 0.2 * F.l1_loss(recon, x)
+            rec = _reconstruction_loss(recon, x)
             loss = rec + vq_loss + commit
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -302,7 +316,7 @@ def run_stage(index: int, stage: Stage, model: WallarooModel, tok: TextTokenizer
 
 
 def build_or_resume(out: Path, seed: int, device: torch.device, rank: int, vq_steps: int,
-                    log=print, vq_batch: int = 16) -> tuple[WallarooModel, TextTokenizer]:
+                    log=print, vq_batch: int = 16, vq_warm: int | None = None) -> tuple[WallarooModel, TextTokenizer]:
     """Tokenizer and VQ (trained once), then the model, initialised from the last finished stage if any."""
     tok_path = out / "tokenizer.json"
     meta_path = out / "tokens.json"
@@ -318,7 +332,7 @@ def build_or_resume(out: Path, seed: int, device: torch.device, rank: int, vq_st
     torch.manual_seed(seed)
     model = WallarooModel(cfg).to(device)
     _init_weights(model)
-    vq = train_vq(cfg.vq, vq_steps, out, seed, device, rank, batch_size=vq_batch, log=log)
+    vq = train_vq(cfg.vq, vq_steps, out, seed, device, rank, batch_size=vq_batch, log=log, warm_steps=vq_warm)
     model.vq.load_state_dict(vq.state_dict())
     latest = out / "latest_model.pt"
     if latest.exists():
@@ -350,7 +364,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("runs/tiny"), help="run folder (checkpoints, logs)")
     parser.add_argument("--export", type=Path, default=None, help="model folder to write at the end")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every stage's steps")
-    parser.add_argument("--vq-steps", type=int, default=1500)
+    parser.add_argument("--vq-steps", type=int, default=2100)
+    parser.add_argument("--vq-warm-steps", type=int, default=675,
+                        help="VQ steps trained as a plain autoencoder before quantising")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
     parser.add_argument("--batch-size", type=int, default=0, help="override every stage's batch size (0 = recipe's)")
@@ -369,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.time()
     model, tok = build_or_resume(args.out, args.seed, device, rank, args.vq_steps, log,
-                                 vq_batch=args.batch_size or 16)
+                                 vq_batch=args.batch_size or 16, vq_warm=args.vq_warm_steps)
     for i, stage in enumerate(default_stages(args.scale)):
         if args.batch_size:
             stage = replace(stage, batch_size=args.batch_size)

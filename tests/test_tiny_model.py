@@ -1,0 +1,38 @@
+"""The bundled tiny model, evaluated on held-out shapes-world seeds (50 cases per task, floors 10 points
+under the bars that the full 200-case `wallaroo eval` is held to)."""
+from __future__ import annotations
+
+import pytest
+
+from wallaroo_nodes.engine.cache import bundled_models
+from wallaroo_nodes.eval.shapes_eval import BARS, evaluate, vq_round_trip_accuracy
+
+pytestmark = pytest.mark.skipif("tiny" not in bundled_models(),
+                                reason="bundled model wallaroo_nodes/models/tiny is absent (train it with "
+                                       "`python -m wallaroo_nodes.train --export wallaroo_nodes/models/tiny`)")
+
+FLOOR_MARGIN = 0.10
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    from wallaroo_nodes.engine.cache import SHARED_CACHE
+    return SHARED_CACHE.get("tiny", dtype="fp32", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def report(pipe):
+    rep, _ = evaluate(pipe, n=50)
+    print(rep)
+    return rep
+
+
+def test_vq_round_trip_keeps_scenes_readable(pipe):
+    assert vq_round_trip_accuracy(pipe.model.vq, n=60) >= 0.95
+
+
+@pytest.mark.parametrize("metric", sorted(BARS))
+def test_quick_eval_stays_above_floor(report, metric):
+    section, name = metric.split(".")
+    value = report[section][name]
+    assert value >= BARS[metric] - FLOOR_MARGIN, f"{metric} = {value:.2f}, floor {BARS[metric] - FLOOR_MARGIN:.2f}"
