@@ -275,9 +275,11 @@ def test_eval_on_a_shapes_sized_model(shapes_model, tmp_path, capsys):
     for metric in ("understanding.accuracy", "generation.one_object", "generation.two_objects", "editing.success"):
         assert metric in table
     assert "understanding by language:" in table and "editing by size:" in table
+    assert "generation.balance (max gap)" in table
     report = json.loads(report_path.read_text())
     assert report["cases_per_task"] == 2 and set(report["bars"]) == {
-        "understanding.accuracy", "generation.one_object", "generation.two_objects", "editing.success"}
+        "understanding.accuracy", "generation.one_object", "generation.two_objects", "editing.success",
+        "understanding.balance", "generation.balance", "editing.balance"}
     assert 0.0 <= report["generation"]["overall"] <= 1.0
     with Image.open(grid) as im:
         assert im.format == "PNG" and im.width > 0

@@ -627,6 +627,10 @@ def format_eval(report: dict[str, Any]) -> str:
             if key.startswith("by_") and isinstance(values, dict):
                 cells = "  ".join(f"{k} {v:.2f}" for k, v in values.items())
                 lines.append(f"  {section} {key.replace('_', ' ')}: {cells}")
+        balance = bars.get(f"{section}.balance")
+        if balance:
+            lines.append(f"{section + '.balance (max gap)':<28} {balance['value']:>7.3f} "
+                         f"{balance['bar']:>6.2f}  {'yes' if balance['pass'] else 'NO'}")
     return "\n".join(lines)
 
 

@@ -364,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("runs/tiny"), help="run folder (checkpoints, logs)")
     parser.add_argument("--export", type=Path, default=None, help="model folder to write at the end")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every stage's steps")
-    parser.add_argument("--vq-steps", type=int, default=2100)
+    parser.add_argument("--vq-steps", type=int, default=2700)
     parser.add_argument("--vq-warm-steps", type=int, default=675,
                         help="VQ steps trained as a plain autoencoder before quantising")
     parser.add_argument("--seed", type=int, default=0)
