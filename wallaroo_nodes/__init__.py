@@ -1,1 +1,1 @@
-"""Wallaroo for ComfyUI: the engine (engine/) and, later, the node classes."""
+"""Wallaroo for ComfyUI: the engine (engine/), the node classes (nodes.py) and the optional ComfyUI bridge."""

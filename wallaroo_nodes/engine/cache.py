@@ -115,6 +115,14 @@ class ModelCache:
                 self._drop(k)
             return len(keys)
 
+    def release_key(self, key: tuple) -> bool:
+        """Unload the one variant loaded under `key` (as given by `key()`); False when it was not loaded."""
+        with self._lock:
+            if key not in self._entries:
+                return False
+            self._drop(key)
+            return True
+
     def loaded(self) -> list[tuple]:
         """Keys of the models currently in memory, least recently used first."""
         with self._lock:
