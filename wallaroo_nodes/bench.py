@@ -23,7 +23,7 @@ import sys
 import tempfile
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -45,10 +45,11 @@ from .engine.weights import (OFFICIAL_INDICATOR_SIDES, QWEN_TOKENS, add_wallaroo
                              pick_dtype)
 
 TASKS = ("generate", "generate-nocfg", "edit", "understand")
-CONFIGS = ("tiny-test", "mid", "7b")
+CONFIGS = ("tiny-test", "tiny", "mid", "7b")
 PROMPT = "a red circle on the left and a blue square on the right, white background"
 EDIT = "make the circle green"
 QUESTION = "Describe this image in detail."
+TINY_VOCAB = 1088
 
 _CORPUS = [
     "You are a helpful assistant.",
@@ -95,6 +96,11 @@ def random_config(name: str, tokens: dict[str, int]) -> WallarooConfig:
             protocol=ProtocolConfig(sizes=[(32, 32), (32, 48), (48, 32)], default_size=(32, 32)),
             sampling=SamplingDefaults(generate_cfg=2.0, generate_top_k=0, edit_cfg=2.0, edit_top_k=0),
             tokens=tokens, weights_dtype="float32")
+    elif name == "tiny":  # the bundled trained tiny model's architecture (wallaroo_nodes/train/recipe.py)
+        from .train.recipe import tiny_model_config
+
+        # Its tokenizer has ~1,060 entries; the recipe rounds the vocabulary up to a multiple of 64.
+        cfg = replace(tiny_model_config(tokens, TINY_VOCAB), name="bench-tiny")
     elif name == "mid":  # a CPU-sized model with the official protocol, sizes and codebook
         cfg = WallarooConfig(
             name="bench-mid",
@@ -132,7 +138,7 @@ def random_init_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 
 def build_random(name: str, device: torch.device, dtype: torch.dtype, attention: str,
                  workdir: Path) -> tuple[WallarooModel, TextTokenizer]:
-    sides = (32, 48) if name == "tiny-test" else OFFICIAL_INDICATOR_SIDES
+    sides = {"tiny-test": (32, 48), "tiny": (48, 64, 80)}.get(name, OFFICIAL_INDICATOR_SIDES)
     tok_path, tokens = _tokenizer(workdir, sides)
     cfg = random_config(name, tokens)
     with torch.device("meta"):

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 BACKENDS = ("auto", "sdpa", "xformers")
+_FOLD_MAX_QUERIES = 16  # grouped-query folding for at most this many queries (decode steps, not prompts)
 
 
 class AttentionBackendError(RuntimeError):
@@ -50,8 +51,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
               backend: str = "sdpa") -> torch.Tensor:
     """Multi-head attention with grouped KV heads.
 
-    q: (B, H, Lq, D); k, v: (B, Hkv, Lk, D); mask: boolean (B, 1, Lq, Lk), True = may attend, or None.
-    Returns (B, H, Lq, D).
+    q: (B, H, Lq, D); k, v: (B, Hkv, Lk, D); mask: (B, 1, Lq, Lk), boolean (True = may attend) or additive
+    float (0 / -inf) in q's dtype, or None. Returns (B, H, Lq, D).
     """
     heads, kv_heads = q.shape[1], k.shape[1]
     if backend == "xformers":
@@ -70,9 +71,23 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
             padded = (lk + 7) // 8 * 8
             store = torch.zeros(b, kv_heads, groups, lq, padded, dtype=q.dtype, device=q.device)
             bias = store[..., :lk]
-            bias.masked_fill_(~mask[:, :, None, :, :].expand(b, kv_heads, groups, lq, lk), float("-inf"))
+            if mask.dtype == torch.bool:
+                bias.masked_fill_(~mask[:, :, None, :, :].expand(b, kv_heads, groups, lq, lk), float("-inf"))
+            else:
+                bias.copy_(mask[:, :, None, :, :].expand(b, kv_heads, groups, lq, lk))
         out = xops.memory_efficient_attention(qx, kx, vx, attn_bias=bias)
         return out.reshape(b, lq, heads, d).transpose(1, 2)
+    lq = q.shape[2]
+    if kv_heads != heads and lq <= _FOLD_MAX_QUERIES:
+        # Few queries (decode steps): fold each KV head's group of query heads into the query axis, so keys and
+        # values are read in place instead of being copied once per query head. Query g * lq + j of a KV head
+        # is query j of the group's head g, so a per-query mask repeats along the group.
+        b, _, _, d = q.shape
+        groups = heads // kv_heads
+        if mask is not None and mask.shape[2] != 1:
+            mask = mask[:, :, None].expand(-1, -1, groups, -1, -1).flatten(2, 3)
+        out = F.scaled_dot_product_attention(q.reshape(b, kv_heads, groups * lq, d), k, v, attn_mask=mask)
+        return out.reshape(b, heads, lq, d)
     if kv_heads != heads:
         k = k.repeat_interleave(heads // kv_heads, dim=1)
         v = v.repeat_interleave(heads // kv_heads, dim=1)

@@ -1,19 +1,32 @@
 """Decoding loops: image codes row by row (with CFG in one batch) and streamed text.
 
 Per step the loops do the minimum: one forward of the new token(s) against a preallocated KV cache, a head
-on the last position only, and sampling. Callers get a callback after each image row and a cancel check
-between rows; a cancelled run raises `Cancelled` and leaves the model untouched.
+on the last position only, and sampling. Everything a step needs is prepared before the loop: the cache,
+the rotary tables of every decode position, the input buffers (the end-of-line embedding already in place),
+the fed-code embedding table, packed weights (`step.decode_weights`). A step writes the sampled code's
+embedding into its buffer and runs `step.forward_step`: no host synchronisation in the image loop, no
+concatenation, no mask construction (a single query's padding mask is a view of the cache's validity row).
+
+With `compiled=` (a `compiled.CompiledDecoder`) the steps run through torch.compile (CUDA graphs on GPU)
+over persistent static buffers instead; the prefill and everything around the step stay the same.
+
+Callers get a callback after each image row and a cancel check between rows; a cancelled run raises
+`Cancelled` and leaves the model untouched.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 
 from .kv_cache import KVCache
 from .model import WallarooModel
 from .sampling import SamplingParams, guide, sample
+from .step import DecodeWeights, decode_weights, forward_step
+
+if TYPE_CHECKING:
+    from .compiled import CompiledDecoder
 
 
 class Cancelled(Exception):
@@ -46,13 +59,32 @@ def _prefill(model: WallarooModel, prep: PreparedBatch, cache: KVCache) -> torch
     return hidden[:, -1]
 
 
-def _step(model: WallarooModel, embeds: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
-    """Feed (B, n, D) at text-like positions (B, n); return the last hidden state (B, D)."""
-    n = embeds.shape[1]
-    cache.reserve(n)
-    mask = cache.mask(n)
-    hidden = model.forward_hidden(embeds, positions[None].expand(3, -1, -1), mask, cache)
-    return hidden[:, -1]
+class _EagerSteps:
+    """Decode steps on a per-run KVCache: the default path."""
+
+    def __init__(self, model: WallarooModel, weights: DecodeWeights, batch: int, max_len: int):
+        self.cache = _new_cache(model, batch, max_len)
+        self.weights = weights
+        self.backend = model.attention_backend
+
+    def prefill(self, model: WallarooModel, prep: PreparedBatch) -> torch.Tensor:
+        return _prefill(model, prep, self.cache)
+
+    def step(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Feed x (B, n, D) at the next n positions (rotary cos / signed sin (B, n, hd)); last hidden (B, D)."""
+        n = x.shape[1]
+        self.cache.reserve(n)
+        return forward_step(self.weights, x, cos, sin, self.cache.mask(n), self.cache, self.backend)
+
+    def close(self) -> None:
+        pass
+
+
+def _steps(model: WallarooModel, weights: DecodeWeights, batch: int, max_len: int,
+           compiled: CompiledDecoder | None):
+    if compiled is None:
+        return _EagerSteps(model, weights, batch, max_len)
+    return compiled.steps(model, weights, batch, max_len)
 
 
 def _next_positions(prep: PreparedBatch) -> torch.Tensor:
@@ -63,7 +95,8 @@ def _next_positions(prep: PreparedBatch) -> torch.Tensor:
 @torch.inference_mode()
 def decode_image_codes(model: WallarooModel, prep: PreparedBatch, *, rows: int, cols: int, kind: str,
                        cfg_scale: float, params: SamplingParams, generator: torch.Generator | None,
-                       on_row: RowCallback | None = None, should_cancel: CancelCheck | None = None) -> torch.Tensor:
+                       on_row: RowCallback | None = None, should_cancel: CancelCheck | None = None,
+                       compiled: CompiledDecoder | None = None) -> torch.Tensor:
     """Sample a rows x cols grid of VQ codes for each conditional row.
 
     With guidance (cfg_scale != 1) the batch holds n conditional rows then n unconditional rows; otherwise
@@ -71,59 +104,81 @@ def decode_image_codes(model: WallarooModel, prep: PreparedBatch, *, rows: int, 
     last row). Returns (n, rows, cols) int64.
     """
     guided = cfg_scale != 1.0
-    total = prep.embeds.shape[0]
+    total, prompt_len, dim = prep.embeds.shape
     n = total // 2 if guided else total
-    head, eol_id = model.image_head(kind), model.cfg.token_id("<|end_of_line>|")
-    cache = _new_cache(model, total, prep.embeds.shape[1] + rows * cols + rows)
-    positions = _next_positions(prep)
-    codes = torch.empty(n, rows, cols, dtype=torch.long, device=model.device)
-    eol_embed = model.embed_tokens(torch.full((total, 1), eol_id, device=model.device))
+    device = prep.embeds.device
+    weights = decode_weights(model)
+    head, table = weights.image_head(kind), weights.code_table(kind)
+    eol_id = model.cfg.token_id("<|end_of_line>|")
+    # Fed after the prompt: every code but the last, and an end-of-line token after every row but the last.
+    fed = rows * cols + rows - 2
+    cos, sin = model.text_rope(_next_positions(prep), max(fed, 1))  # sin: signed (see text_rope)
+    # Input buffers: one code, or a row's last code followed by the end-of-line token (already in place).
+    one = torch.empty(total, 1, dim, dtype=model.dtype, device=device)
+    two = torch.empty(total, 2, dim, dtype=model.dtype, device=device)
+    two[:, 1] = model.embed_tokens(torch.tensor([eol_id], device=device))
+    groups = total // n  # the code of conditional row i is fed to row i of each group (CFG: both branches)
+    one_code, two_code = one[:, 0].unflatten(0, (groups, n)), two[:, 0].unflatten(0, (groups, n))
+    codes = torch.empty(n, rows, cols, dtype=torch.long, device=device)
+    steps = _steps(model, weights, total, prompt_len + fed, compiled)
 
-    hidden = _prefill(model, prep, cache)
-    for r in range(rows):
-        for c in range(cols):
-            logits = head(hidden).float()
-            if guided:
-                logits = guide(logits[:n], logits[n:], cfg_scale)
-            code = sample(logits, params, generator)
-            codes[:, r, c] = code
-            if r == rows - 1 and c == cols - 1:
-                break
-            fed = model.code_embeddings(code, kind)[:, None]
-            if guided:
-                fed = torch.cat([fed, fed])
-            if c == cols - 1:
-                # The row's last code and the end-of-line token go in together: nothing is sampled between.
-                fed = torch.cat([fed, eol_embed], dim=1)
-            step_pos = positions[:, None] + torch.arange(fed.shape[1], device=positions.device)
-            hidden = _step(model, fed, step_pos, cache)
-            positions = positions + fed.shape[1]
-        if on_row is not None:
-            on_row(r + 1, codes[:, :r + 1])
-        if should_cancel is not None and r < rows - 1 and should_cancel():
-            raise Cancelled(f"cancelled after {r + 1} of {rows} rows")
+    try:
+        hidden = steps.prefill(model, prep)
+        t = 0
+        for r in range(rows):
+            for c in range(cols):
+                logits = head(hidden).float()
+                if guided:
+                    logits = guide(logits[:n], logits[n:], cfg_scale)
+                code = sample(logits, params, generator)
+                codes[:, r, c] = code
+                if r == rows - 1 and c == cols - 1:
+                    break
+                if c == cols - 1:
+                    # The row's last code and the end-of-line token go in together: nothing is sampled between.
+                    two_code.copy_(table.index_select(0, code))
+                    hidden = steps.step(two, cos.narrow(1, t, 2), sin.narrow(1, t, 2))
+                    t += 2
+                else:
+                    one_code.copy_(table.index_select(0, code))
+                    hidden = steps.step(one, cos.narrow(1, t, 1), sin.narrow(1, t, 1))
+                    t += 1
+            if on_row is not None:
+                on_row(r + 1, codes[:, :r + 1])
+            if should_cancel is not None and r < rows - 1 and should_cancel():
+                raise Cancelled(f"cancelled after {r + 1} of {rows} rows")
+    finally:
+        steps.close()
     return codes
 
 
 @torch.inference_mode()
 def decode_text(model: WallarooModel, prep: PreparedBatch, *, max_new_tokens: int, params: SamplingParams,
                 generator: torch.Generator | None, stop_ids: set[int],
-                should_cancel: CancelCheck | None = None) -> Iterator[int]:
+                should_cancel: CancelCheck | None = None, compiled: CompiledDecoder | None = None) -> Iterator[int]:
     """Yield answer token ids of a one-row prompt until a stop id (not yielded) or max_new_tokens."""
     if prep.embeds.shape[0] != 1:
         raise ValueError("decode_text answers one prompt at a time")
-    cache = _new_cache(model, 1, prep.embeds.shape[1] + max_new_tokens)
-    positions = _next_positions(prep)
-    hidden = _prefill(model, prep, cache)
-    for i in range(max_new_tokens):
-        token = sample(model.lm_head(hidden).float(), params, generator)
-        tid = int(token)
-        if tid in stop_ids:
-            return
-        yield tid
-        if i == max_new_tokens - 1:
-            return
-        if should_cancel is not None and should_cancel():
-            raise Cancelled(f"cancelled after {i + 1} tokens")
-        hidden = _step(model, model.embed_tokens(token[:, None]), positions[:, None], cache)
-        positions = positions + 1
+    _, prompt_len, dim = prep.embeds.shape
+    weights = decode_weights(model)
+    fed = max_new_tokens - 1
+    cos, sin = model.text_rope(_next_positions(prep), max(fed, 1))  # sin: signed (see text_rope)
+    one = torch.empty(1, 1, dim, dtype=model.dtype, device=prep.embeds.device)
+    table = model.model.embed_tokens.weight
+    steps = _steps(model, weights, 1, prompt_len + fed, compiled)
+    try:
+        hidden = steps.prefill(model, prep)
+        for i in range(max_new_tokens):
+            token = sample(model.lm_head(hidden).float(), params, generator)
+            tid = int(token)  # streaming needs the id now: one synchronisation per token
+            if tid in stop_ids:
+                return
+            yield tid
+            if i == max_new_tokens - 1:
+                return
+            if should_cancel is not None and should_cancel():
+                raise Cancelled(f"cancelled after {i + 1} tokens")
+            torch.index_select(table, 0, token, out=one[:, 0])
+            hidden = steps.step(one, cos.narrow(1, i, 1), sin.narrow(1, i, 1))
+    finally:
+        steps.close()

@@ -14,6 +14,20 @@ from .kv_cache import KVCache
 from .rope import apply_rotary
 
 
+_FUSED_RMS_NORM = getattr(F, "rms_norm", None)  # torch >= 2.4: one call instead of six (same arithmetic)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Qwen2's RMSNorm: statistics in float32, normalised value cast back to the input dtype, then scaled."""
+    dtype = x.dtype
+    xf = x if dtype == torch.float32 else x.float()
+    if _FUSED_RMS_NORM is not None:
+        xf = _FUSED_RMS_NORM(xf, (xf.shape[-1],), eps=eps)
+    else:
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * (xf if dtype == torch.float32 else xf.to(dtype))
+
+
 class RMSNorm(nn.Module):
     """Root-mean-square norm computed in float32, scaled in the input dtype (as Qwen2 does)."""
 
@@ -23,10 +37,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 class SelfAttention(nn.Module):

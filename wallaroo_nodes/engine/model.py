@@ -119,6 +119,16 @@ class WallarooModel(nn.Module):
         cos, sin = mrope_cos_sin(position_ids, inv_freq, axis, embeds.dtype)
         return self.model(embeds, cos, sin, mask, cache, self.attention_backend)
 
+    def text_rope(self, start: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotary tables (B, count, head_dim) for text-like positions start[b], start[b] + 1, ... (decode steps):
+        cos, and sin with its first half negated, so that `rotate_half(x) * sin == x.roll(head_dim // 2) *
+        signed_sin` exactly (one roll instead of a split, a negation and a concatenation per step)."""
+        inv_freq, axis = self.rope_tables(start.device)
+        positions = start[:, None] + torch.arange(count, device=start.device)
+        cos, sin = mrope_cos_sin(positions[None].expand(3, -1, -1), inv_freq, axis, self.dtype)
+        half = sin.shape[-1] // 2
+        return cos, torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
+
     def forward(self, embeds: torch.Tensor, position_ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """Uncached forward over whole sequences (training, tests): causal + padding mask from `valid`."""
         n = embeds.shape[1]

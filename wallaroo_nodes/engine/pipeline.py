@@ -54,9 +54,26 @@ def _generator(seed: int | None, device: torch.device) -> torch.Generator:
 class Pipeline:
     """Understand, generate and edit with one Wallaroo model."""
 
-    def __init__(self, model: WallarooModel, tokenizer: TextTokenizer):
+    def __init__(self, model: WallarooModel, tokenizer: TextTokenizer, *, compile: bool | str = False,
+                 compile_mode: str | None = None):
+        """`compile`: False (default) decodes eagerly; True routes decode steps through torch.compile (CUDA
+        graphs on GPU, see `compiled.py`); "auto" does so on CUDA only. `compile_mode` overrides the
+        torch.compile mode (default: reduce-overhead on CUDA, default on CPU)."""
         self.model = model
         self.tokenizer = tokenizer
+        if compile not in (False, True, "auto"):
+            raise ValueError(f"compile must be False, True or 'auto', got {compile!r}")
+        use = compile is True or (compile == "auto" and model.device.type == "cuda")
+        self._compiled = None
+        if use:
+            from .compiled import CompiledDecoder
+
+            self._compiled = CompiledDecoder(model, compile_mode)
+
+    @property
+    def compiled(self) -> bool:
+        """Whether decode steps go through the compiled path."""
+        return self._compiled is not None
 
     @property
     def config(self) -> WallarooConfig:
@@ -118,8 +135,12 @@ class Pipeline:
 
         codes = decode_image_codes(self.model, prep, rows=rows, cols=cols, kind=kind, cfg_scale=cfg, params=params,
                                    generator=_generator(seed, self.model.device), on_row=row_done,
-                                   should_cancel=should_cancel)
+                                   should_cancel=should_cancel, **self._decode_options())
         return self._decode_codes(codes)
+
+    def _decode_options(self) -> dict:
+        # Only pass `compiled` when set, so wrappers of the decode functions with the old signature still work.
+        return {} if self._compiled is None else {"compiled": self._compiled}
 
     def _params(self, kind: str, temperature: float | None, top_k: int | None, top_p: float | None) -> SamplingParams:
         d = self.config.sampling
@@ -155,7 +176,7 @@ class Pipeline:
         stream = StreamDecoder(self.tokenizer)
         for tid in decode_text(self.model, prep, max_new_tokens=limit, params=params,
                                generator=_generator(seed, self.model.device), stop_ids=stops,
-                               should_cancel=should_cancel):
+                               should_cancel=should_cancel, **self._decode_options()):
             piece = stream.push(tid)
             if piece:
                 yield piece

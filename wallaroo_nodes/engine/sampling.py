@@ -49,6 +49,11 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     logits = logits.float()
     if params.temperature == 0:
         return logits.argmax(-1)
-    logits = filter_logits(logits / params.temperature, params.top_k, params.top_p)
+    if params.temperature != 1.0:  # x / 1.0 == x exactly: skip the division
+        logits = logits / params.temperature
+    logits = filter_logits(logits, params.top_k, params.top_p)
     probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    # What torch.multinomial(probs, 1, generator) computes for one sample (the same draws, the same tokens),
+    # without its validity check, whose `.item()` would stop a GPU stream at every decode step.
+    noise = torch.empty_like(probs).exponential_(1, generator=generator)
+    return probs.div_(noise).argmax(-1)

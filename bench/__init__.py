@@ -1,0 +1,1 @@
+"""Speed benchmark: our decoding engine against a transformers baseline (`python -m bench`; see compare.py)."""
