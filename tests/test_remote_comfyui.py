@@ -375,9 +375,9 @@ def test_format_node_errors_tolerates_odd_bodies():
 
 
 def test_our_api_workflows_load():
-    files = sorted((ROOT / "workflows").glob("*_api.json"))
+    files = sorted((ROOT / "workflows" / "api").glob("*.json"))
     if not files:
-        pytest.skip("no API-format workflows in workflows/ yet")
+        pytest.skip("no API-format workflows in workflows/api/")
     for path in files:
         graph = load_workflow(path)
         assert all("class_type" in node for node in graph.values()), path
@@ -396,8 +396,8 @@ def real_comfy(tmp_path_factory):
     comfy_dir = os.environ.get("COMFYUI_DIR")
     if not comfy_dir:
         pytest.skip("COMFYUI_DIR is not set")
-    if not sorted((ROOT / "workflows").glob("*_api.json")):
-        pytest.skip("no API-format workflows in workflows/")
+    if not sorted((ROOT / "workflows" / "api").glob("*.json")):
+        pytest.skip("no API-format workflows in workflows/api/")
     if not (ROOT / "wallaroo_nodes" / "models" / "tiny" / "config.json").is_file():
         pytest.skip("the bundled tiny model is not in wallaroo_nodes/models/tiny yet")
     base = tmp_path_factory.mktemp("comfy")
@@ -406,7 +406,9 @@ def real_comfy(tmp_path_factory):
     extra = base / "extra_model_paths.yaml"
     extra.write_text(f"wallaroo_test:\n  base_path: {base}\n  custom_nodes: custom_nodes\n")
     port = _free_port()
-    python = os.environ.get("COMFYUI_PYTHON", sys.executable)
+    # ComfyUI runs in its own environment: COMFYUI_PYTHON, else its .venv or venv, else this interpreter.
+    candidates = [Path(comfy_dir) / ".venv/bin/python", Path(comfy_dir) / "venv/bin/python"]
+    python = os.environ.get("COMFYUI_PYTHON") or next((str(c) for c in candidates if c.is_file()), sys.executable)
     log = open(base / "comfyui.log", "w")
     proc = subprocess.Popen([python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
                              "--extra-model-paths-config", str(extra), "--output-directory", str(base / "output"),
@@ -435,7 +437,7 @@ def real_comfy(tmp_path_factory):
 def test_our_workflows_on_a_real_comfyui(real_comfy):
     picture = Image.new("RGB", (64, 64), (255, 255, 255))
     ran = 0
-    for path in sorted((ROOT / "workflows").glob("*_api.json")):
+    for path in sorted((ROOT / "workflows" / "api").glob("*.json")):
         graph = load_workflow(path)
         inputs = {}
         for nid, node in graph.items():

@@ -32,7 +32,7 @@ __all__ = ["ComfyClient", "ComfyError", "WorkflowResult", "QueueStatus", "load_w
            "format_node_errors", "WORKFLOWS_DIR"]
 
 WORKFLOWS_ENV = "WALLAROO_WORKFLOWS"
-WORKFLOWS_DIR = Path(__file__).resolve().parents[2] / "workflows"
+WORKFLOWS_DIR = Path(__file__).resolve().parents[2] / "workflows" / "api"  # API format; workflows/ui is for drag-and-drop
 IMAGE_KEYS = ("images", "gifs", "animated")  # output lists of {filename, subfolder, type}
 
 
@@ -69,8 +69,8 @@ def _workflow_dirs() -> list[Path]:
 
 
 def load_workflow(workflow: str | os.PathLike | Mapping) -> dict:
-    """An API-format workflow from a dict, a file path, or a name in workflows/ ("generate" finds
-    `wallaroo_generate_api.json`)."""
+    """An API-format workflow from a dict, a file path, or a name in workflows/api/ ("generate" finds
+    `generate.json`)."""
     if isinstance(workflow, Mapping):
         data = copy.deepcopy(dict(workflow))
         where = "the workflow"
@@ -103,7 +103,7 @@ def _find_workflow(name: str | os.PathLike) -> Path:
         for candidate in names:
             if (folder / candidate).is_file():
                 return folder / candidate
-    known = sorted({p.name for d in _workflow_dirs() if d.is_dir() for p in d.glob("*_api.json")})
+    known = sorted({p.name for d in _workflow_dirs() if d.is_dir() for p in d.glob("*.json")})
     raise ValueError(f"workflow {text!r} not found (give a path, or one of: {', '.join(known) or 'none found'})")
 
 
