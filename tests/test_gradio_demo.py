@@ -474,3 +474,25 @@ def test_demo_closes_cleanly(model_folder):
         urllib.request.urlopen(url, timeout=2)
     assert threading.active_count() < 200
 
+
+
+# --- the bundled tiny model behind every tab ------------------------------------------------------------
+@pytest.mark.skipif(not (Path(__file__).resolve().parent.parent / "wallaroo_nodes/models/tiny/config.json").is_file(),
+                    reason="bundled model wallaroo_nodes/models/tiny is absent")
+def test_every_tab_on_the_bundled_tiny_model():
+    demo = build_demo("tiny", limits=LIMITS)
+    url = start(demo, LIMITS)
+    try:
+        c = Client(url, verbose=False)
+        answer = c.predict(handle_file(EXAMPLE), "What colour is the background?", api_name="/understand")
+        assert isinstance(answer, str) and answer.strip()
+        gallery, status = c.predict("A large red circle on the left on a white background.", "48x80", 1.5, 0, 2,
+                                    api_name="/generate")
+        assert [image_size(item["image"]) for item in gallery] == [(80, 48), (80, 48)]  # PIL: (width, height)
+        assert text(status).startswith("Done")
+        (before, after), status = c.predict(handle_file(WIDE_EXAMPLE), "Make the background black.", 1.5, 0,
+                                            api_name="/edit")
+        assert image_size(before) == image_size(after) == (80, 48)  # the 48 x 80 example keeps its size
+        assert text(status).startswith("Done")
+    finally:
+        demo.close()
