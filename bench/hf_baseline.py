@@ -46,7 +46,7 @@ def require_transformers():
 
 
 def hf_config(ours: WallarooModel):
-    """A transformers Qwen2.5-VL config with our sizes (the mapping of tests/test_llm_parity.py)."""
+    """A transformers Qwen2.5-VL config with our sizes (also used by tests/test_llm_parity.py)."""
     require_transformers()
     from transformers import Qwen2_5_VLConfig
 
@@ -71,7 +71,8 @@ def hf_config(ours: WallarooModel):
     return cfg
 
 
-def _hf_names(ours: WallarooModel) -> dict[str, torch.Tensor]:
+def hf_state_dict(ours: WallarooModel) -> dict[str, torch.Tensor]:
+    """Our backbone's tensors under transformers 5's Qwen2.5-VL names."""
     theirs = {}
     for name, t in ours.state_dict().items():
         if name.startswith("model."):
@@ -91,7 +92,7 @@ def build_hf_twin(ours: WallarooModel):
     cfg = hf_config(ours)
     with torch.device("meta"):
         hf = Qwen2_5_VLForConditionalGeneration(cfg)
-    hf.load_state_dict(_hf_names(ours), strict=True, assign=True)
+    hf.load_state_dict(hf_state_dict(ours), strict=True, assign=True)
     device = ours.device
     # Non-persistent buffers (rotary inverse frequencies) are not in the state dict: rebuild those modules for real.
     text = hf.model.language_model

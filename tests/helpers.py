@@ -5,10 +5,10 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from wallaroo_nodes.engine.config import LLMConfig, ProtocolConfig, SamplingDefaults, VisionConfig, VQConfig, WallarooConfig
-from wallaroo_nodes.engine.weights import QWEN_TOKENS, add_wallaroo_tokens
+from wallaroo_nodes.engine.weights import add_wallaroo_tokens
+from wallaroo_nodes.train.tokenizer import train_byte_level_bpe
 
 CORPUS = [
     "You are a helpful assistant.",
@@ -25,15 +25,7 @@ TEST_SIZES = [(32, 32), (32, 48), (48, 32)]
 def make_qwen_like_tokenizer(path: Path) -> Path:
     """A byte-level BPE trained on a small bilingual corpus, with Qwen2.5-VL's special tokens appended
     after the learned vocabulary (as in the real tokenizer). Deterministic."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
-    tok.train_from_iterator(CORPUS * 4, trainer)
-    tok.add_special_tokens(list(QWEN_TOKENS))
-    tok.save(str(path))
-    return path
+    return train_byte_level_bpe(CORPUS * 4, 400, path)
 
 
 def tiny_config(tokens: dict[str, int], vocab_size: int = 512, has_edit: bool = True) -> WallarooConfig:

@@ -6,8 +6,9 @@ import torch
 from PIL import Image
 
 transformers = pytest.importorskip("transformers", reason="transformers (test dependency) is not installed")
-from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration  # noqa: E402
+from transformers import Qwen2_5_VLForConditionalGeneration  # noqa: E402
 
+from bench.hf_baseline import hf_config, hf_state_dict  # noqa: E402
 from helpers import make_tokenizer_and_config, randomize_  # noqa: E402
 from wallaroo_nodes.engine import images  # noqa: E402
 from wallaroo_nodes.engine.model import WallarooModel  # noqa: E402
@@ -20,35 +21,9 @@ TOLERANCE = 1e-4
 
 
 def hf_twin(ours: WallarooModel) -> Qwen2_5_VLForConditionalGeneration:
-    """A transformers Qwen2.5-VL with our tiny config and our weights."""
-    c = ours.cfg
-    hf_cfg = Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=c.llm.vocab_size, hidden_size=c.llm.hidden_size,
-                         intermediate_size=c.llm.intermediate_size, num_hidden_layers=c.llm.num_layers,
-                         num_attention_heads=c.llm.num_heads, num_key_value_heads=c.llm.num_kv_heads,
-                         rms_norm_eps=c.llm.rms_norm_eps,
-                         rope_parameters={"rope_type": "default", "rope_theta": c.llm.rope_theta,
-                                          "mrope_section": list(c.llm.mrope_section)},
-                         bos_token_id=None, eos_token_id=None, pad_token_id=None),
-        vision_config=dict(depth=c.vision.depth, hidden_size=c.vision.hidden_size, num_heads=c.vision.num_heads,
-                           intermediate_size=c.vision.intermediate_size, out_hidden_size=c.vision.out_hidden_size,
-                           fullatt_block_indexes=list(c.vision.fullatt_block_indexes),
-                           window_size=c.vision.window_size, patch_size=c.vision.patch_size,
-                           spatial_merge_size=c.vision.spatial_merge_size,
-                           temporal_patch_size=c.vision.temporal_patch_size),
-        image_token_id=c.tokens["<|image_pad|>"], video_token_id=c.tokens["<|video_pad|>"],
-        vision_start_token_id=c.tokens["<|vision_start|>"], vision_end_token_id=c.tokens["<|vision_end|>"],
-        tie_word_embeddings=False)
-    hf = Qwen2_5_VLForConditionalGeneration(hf_cfg).eval()
-    theirs = {}
-    for name, t in ours.state_dict().items():
-        if name.startswith("model."):
-            theirs["model.language_model." + name[len("model."):]] = t
-        elif name.startswith("visual."):
-            theirs["model." + name] = t
-        elif name == "lm_head.weight":
-            theirs[name] = t
-    hf.load_state_dict(theirs, strict=True)
+    """A transformers Qwen2.5-VL with our tiny config and a copy of our weights (the benchmark's mapping)."""
+    hf = Qwen2_5_VLForConditionalGeneration(hf_config(ours)).eval()
+    hf.load_state_dict({k: v.clone() for k, v in hf_state_dict(ours).items()}, strict=True)
     return hf
 
 

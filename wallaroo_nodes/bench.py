@@ -41,7 +41,7 @@ from .engine.pipeline import Pipeline
 from .engine.protocol import build_understand
 from .engine.sampling import SamplingParams
 from .engine.text import TextTokenizer
-from .engine.weights import (OFFICIAL_INDICATOR_SIDES, QWEN_TOKENS, add_wallaroo_tokens, load_model, pick_device,
+from .engine.weights import (OFFICIAL_INDICATOR_SIDES, add_wallaroo_tokens, load_model, pick_device,
                              pick_dtype)
 
 TASKS = ("generate", "generate-nocfg", "edit", "understand")
@@ -66,17 +66,9 @@ _CORPUS = [
 
 def _tokenizer(folder: Path, sides) -> tuple[Path, dict[str, int]]:
     """A small byte-level BPE with Qwen's special tokens and Wallaroo's added tokens (stand-in tokenizer)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from .train.tokenizer import train_byte_level_bpe
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=600, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
-    tok.train_from_iterator(_CORPUS * 4, trainer)
-    tok.add_special_tokens(list(QWEN_TOKENS))
-    base = folder / "base_tokenizer.json"
-    tok.save(str(base))
+    base = train_byte_level_bpe(_CORPUS * 4, 600, folder / "base_tokenizer.json")
     table = add_wallaroo_tokens(base, folder / "tokenizer.json", indicator_sides=sides)
     return folder / "tokenizer.json", table
 

@@ -22,17 +22,23 @@ def training_texts(n_lines: int, seed: int, protocol: ProtocolConfig) -> list[st
     return texts
 
 
-def train_tokenizer(out_path: str | Path, protocol: ProtocolConfig, vocab_size: int = 1024, n_lines: int = 20000,
-                    seed: int = 0) -> dict[str, int]:
-    """Train the BPE, append Qwen's and Wallaroo's special tokens, save; return the token table."""
+def train_byte_level_bpe(texts: list[str], vocab_size: int, out_path: str | Path) -> Path:
+    """A byte-level BPE trained on texts, with Qwen2.5-VL's special tokens appended after the learned vocabulary
+    (as in the real tokenizer); deterministic. Wallaroo's tokens are added separately (`add_wallaroo_tokens`)."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
-    tok.train_from_iterator(training_texts(n_lines, seed, protocol), trainer)
+    tok.train_from_iterator(texts, trainer)
     tok.add_special_tokens(list(QWEN_TOKENS))
-    out_path = Path(out_path)
     tok.save(str(out_path))
+    return Path(out_path)
+
+
+def train_tokenizer(out_path: str | Path, protocol: ProtocolConfig, vocab_size: int = 1024, n_lines: int = 20000,
+                    seed: int = 0) -> dict[str, int]:
+    """Train the BPE, append Qwen's and Wallaroo's special tokens, save; return the token table."""
+    out_path = train_byte_level_bpe(training_texts(n_lines, seed, protocol), vocab_size, out_path)
     sides = sorted({s for size in protocol.sizes for s in size})
     return add_wallaroo_tokens(out_path, out_path, indicator_sides=sides, indicator_format=protocol.indicator_format)
