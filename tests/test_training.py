@@ -65,10 +65,15 @@ def test_each_stage_lowers_its_loss(setup, index):
         assert all(p.requires_grad for p in model.gen_image_head.parameters())
 
 
-def test_recipe_runs_end_to_end_resumes_and_exports(tmp_path):
+@pytest.mark.parametrize("threads", [1, 2], ids=["vq-before-stage0", "vq-in-side-process"])
+def test_recipe_runs_end_to_end_resumes_and_exports(tmp_path, threads):
     out, export = tmp_path / "run", tmp_path / "model"
-    args = ["--out", str(out), "--scale", "0.0001", "--vq-steps", "2", "--vq-warm-steps", "1", "--batch-size", "2", "--export", str(export)]
-    assert main(args) == 0
+    args = ["--out", str(out), "--scale", "0.0001", "--vq-steps", "2", "--vq-warm-steps", "1", "--batch-size", "2",
+            "--vq-batch-size", "2", "--threads", str(threads), "--export", str(export)]
+    try:
+        assert main(args) == 0
+    finally:
+        torch.set_num_threads(1)  # the suite's setting (conftest); main() changed it
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert {e.get("stage") for e in log} >= {"vq", "0-understanding-pretrain", "4-unified-finetune"}
     assert all((out / f"stage{i}.done").exists() for i in range(5))
@@ -79,3 +84,18 @@ def test_recipe_runs_end_to_end_resumes_and_exports(tmp_path):
     assert main(args) == 0
     after = (out / "train_log.jsonl").read_text()
     assert [json.loads(x).get("event") for x in after[len(before):].splitlines()] == ["finished"]
+
+
+def test_vq_loss_weights_outlines_above_object_insides_above_background():
+    from wallaroo_nodes.train.recipe import _reconstruction_loss
+    # A 4x4 object in the middle of a 16x16 background: its 12 rim pixels are outline, its 4 centre pixels are not.
+    x = -torch.ones(1, 3, 16, 16)
+    x[:, :, 6:10, 6:10] = 1.0
+
+    def cost(y: int, x_: int) -> float:
+        recon = x.clone()
+        recon[:, :, y, x_] += 0.5
+        return _reconstruction_loss(recon, x).item()
+
+    outline, inside, background = cost(6, 6), cost(7, 7), cost(1, 1)
+    assert outline > 2 * inside > 4 * background > 0
