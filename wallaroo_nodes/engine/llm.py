@@ -20,6 +20,9 @@ _FUSED_RMS_NORM = getattr(F, "rms_norm", None)  # torch >= 2.4: one call instead
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Qwen2's RMSNorm: statistics in float32, normalised value cast back to the input dtype, then scaled."""
     dtype = x.dtype
+    if _FUSED_RMS_NORM is not None and dtype == torch.float32 and weight.dtype == torch.float32:
+        # One call with the weight: same arithmetic, half the time of norm-then-scale for a decode step's rows.
+        return _FUSED_RMS_NORM(x, (x.shape[-1],), weight, eps)
     xf = x if dtype == torch.float32 else x.float()
     if _FUSED_RMS_NORM is not None:
         xf = _FUSED_RMS_NORM(xf, (xf.shape[-1],), eps=eps)
