@@ -12,11 +12,10 @@ pytestmark = pytest.mark.skipif("tiny" not in bundled_models(),
                                        "`python -m wallaroo_nodes.train --export wallaroo_nodes/models/tiny`)")
 
 FLOOR_MARGIN = 0.10
-# The bundled model is the first, shortened run of the recipe (--scale 0.3) and is far below the bars (README,
-# "The bundled tiny model"). Strict: once a retrained model reaches the floors these tests XPASS and fail,
+# The bundled model (the recipe's second run) is far below the bars (README, "The bundled tiny model"). Strict: once a retrained model reaches the floors these tests XPASS and fail,
 # so the marker has to go with the fix.
-BELOW_BARS = pytest.mark.xfail(strict=True, reason="bundled tiny model below the issue's bars (shortened first "
-                                                   "training run); retraining is open work")
+BELOW_BARS = pytest.mark.xfail(strict=True, reason="bundled tiny model below the issue's bars; a better recipe "
+                                                   "is open work (issue #3)")
 
 
 @pytest.fixture(scope="module")
@@ -32,15 +31,25 @@ def report(pipe):
 
 
 def test_understanding_beats_chance_on_every_breakdown(report):
-    # What the shortened run does reach: background questions are answered, others well above chance.
+    # What the bundled run does reach: background questions are answered, others above chance.
     und = report["understanding"]
     assert und["by_kind"]["background"] >= 0.9
     assert und["accuracy"] >= 0.3 and min(und["by_language"].values()) >= 0.25
 
 
+@pytest.fixture(scope="module")
+def round_trip(pipe):
+    return vq_round_trip_accuracy(pipe.model.vq, n=60)
+
+
+def test_vq_round_trip_keeps_most_scenes_readable(round_trip):
+    # The bundled VQ keeps 88% of held-out scenes readable (was 10% before outline weighting); guard that.
+    assert round_trip >= 0.8
+
+
 @BELOW_BARS
-def test_vq_round_trip_keeps_scenes_readable(pipe):
-    assert vq_round_trip_accuracy(pipe.model.vq, n=60) >= 0.95
+def test_vq_round_trip_keeps_scenes_readable(round_trip):
+    assert round_trip >= 0.95
 
 
 @BELOW_BARS

@@ -58,7 +58,7 @@ def default_stages(scale: float = 1.0) -> list[Stage]:
         Stage("1-alignment", n(250), 1e-3, {"generate": 1.0}, SQUARE, trainable="align"),
         Stage("2-joint-pretrain", n(700), 7e-4, {"generate": 0.7, "understand": 0.3}, SQUARE),
         Stage("3-multi-resolution", n(600), 7e-4, {"generate": 0.7, "understand": 0.3}, ALL_CANVASES),
-        Stage("4-unified-finetune", n(1300), 5e-4, {"generate": 0.35, "understand": 0.2, "edit": 0.45}, ALL_CANVASES),
+        Stage("4-unified-finetune", n(650), 5e-4, {"generate": 0.35, "understand": 0.2, "edit": 0.45}, ALL_CANVASES),
     ]
 
 
