@@ -76,6 +76,8 @@ def test_recipe_runs_end_to_end_resumes_and_exports(tmp_path, threads):
         torch.set_num_threads(1)  # the suite's setting (conftest); main() changed it
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert {e.get("stage") for e in log} >= {"vq", "0-understanding-pretrain", "4-unified-finetune"}
+    quality = next(e for e in log if "vq_round_trip" in e)
+    assert 0 <= quality["vq_round_trip"] <= 1 and quality["vq_background_code_entropy"] >= 0
     assert all((out / f"stage{i}.done").exists() for i in range(5))
     model, tok = load_model(export, dtype="fp32", device="cpu")
     assert model.cfg.name == "wallaroo-tiny-shapes"
@@ -99,3 +101,24 @@ def test_vq_loss_weights_outlines_above_object_insides_above_background():
 
     outline, inside, background = cost(6, 6), cost(7, 7), cost(1, 1)
     assert outline > 2 * inside > 4 * background > 0
+
+
+class _CodeByColours(torch.nn.Module):
+    """A stand-in tokenizer whose top-left code is a function of the image's colours, chosen per test."""
+
+    def __init__(self, use_object_colour: bool):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+        self.use_object_colour = use_object_colour
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        corner = x[0, :, 0, 0]                                    # the background colour
+        brightest = x[0].flatten(1).sum(0).argmax()               # some pixel that depends on the object
+        key = corner.sum() + (x[0].flatten(1)[:, brightest].sum() if self.use_object_colour else 0.0)
+        return torch.full((1, 8, 8), int((key * 1000).round()) % 997)
+
+
+def test_background_code_entropy_is_zero_for_canonical_codes_and_positive_for_synonyms():
+    from wallaroo_nodes.eval.shapes_eval import background_code_entropy
+    assert background_code_entropy(_CodeByColours(use_object_colour=False), n=60) == 0.0
+    assert background_code_entropy(_CodeByColours(use_object_colour=True), n=60) > 0.5

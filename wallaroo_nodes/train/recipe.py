@@ -347,6 +347,19 @@ def vq_steps_done(out: Path) -> int:
     return torch.load(ckpt, map_location="cpu", weights_only=True)["step"] if ckpt.exists() else 0
 
 
+def log_vq_quality(vq: VQModel, log=print) -> dict[str, float]:
+    """Log how well the VQ serves the stages: scenes that survive its round trip, and background-code entropy."""
+    from ..eval.shapes_eval import background_code_entropy, vq_round_trip_accuracy
+
+    vq.eval()
+    quality = {"vq_round_trip": round(vq_round_trip_accuracy(vq, n=60), 3),
+               "vq_background_code_entropy": round(background_code_entropy(vq, n=100), 3)}
+    log(json.dumps({"stage": "vq", **quality}))
+    print(f"VQ: {quality['vq_round_trip']:.0%} of held-out scenes survive the round trip; background-code entropy "
+          f"{quality['vq_background_code_entropy']:.2f} nats (0 = one code per colour)")
+    return quality
+
+
 def _vq_process(cfg: VQConfig, steps: int, out: Path, seed: int, batch_size: int, warm_steps: int | None,
                 threads: int) -> None:
     """Entry point of the side process that trains the VQ while stage 0 runs (spawned, so picklable args)."""
@@ -435,6 +448,8 @@ def main(argv: list[str] | None = None) -> int:
         dist.barrier()  # rank 0 trained the VQ; everyone uses that one
     vq_state = torch.load(args.out / "vq.pt", map_location=device, weights_only=True)["model"]
     model.vq.load_state_dict(vq_state)
+    if rank == 0 and not (args.out / "stage1.done").exists():
+        log_vq_quality(model.vq, log)
     for i, stage in enumerate(stages[1:], start=1):
         run_stage(i, stage, model, tok, args.out, args.seed, device, rank, world, log)
     if rank == 0:
