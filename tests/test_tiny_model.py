@@ -12,8 +12,8 @@ pytestmark = pytest.mark.skipif("tiny" not in bundled_models(),
                                        "`python -m wallaroo_nodes.train --export wallaroo_nodes/models/tiny`)")
 
 FLOOR_MARGIN = 0.10
-# The bundled model (the recipe's second run) is far below the bars (README, "The bundled tiny model"). Strict: once a retrained model reaches the floors these tests XPASS and fail,
-# so the marker has to go with the fix.
+# The bundled model (the recipe's second run) is far below the bars (README, "The bundled tiny model").
+# Strict: once a retrained model reaches the floors these tests XPASS and fail, so the marker has to go with the fix.
 BELOW_BARS = pytest.mark.xfail(strict=True, reason="bundled tiny model below the issue's bars; a better recipe "
                                                    "is open work (issue #3)")
 

@@ -6,9 +6,10 @@ languages so every breakdown has an equal share of the cases.
 """
 from __future__ import annotations
 
+import math
 import random
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from typing import Callable
 
 from PIL import Image, ImageDraw
@@ -205,9 +206,6 @@ def background_code_entropy(vq, n: int = 200, seed: int = 0) -> float:
     that see the whole image (GroupNorm, attention) spread it over synonyms, and every synonym is one more
     thing the LLM has to learn to predict; the recipe logs this next to the round-trip accuracy.
     """
-    import math
-    from collections import Counter
-
     import torch
 
     from ..engine import images as image_ops

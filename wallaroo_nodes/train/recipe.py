@@ -14,6 +14,7 @@ import random
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -360,17 +361,18 @@ def log_vq_quality(vq: VQModel, log=print) -> dict[str, float]:
     return quality
 
 
-def _vq_process(cfg: VQConfig, steps: int, out: Path, seed: int, batch_size: int, warm_steps: int | None,
-                threads: int) -> None:
+def run_log(out: Path) -> Callable[[str], None]:
+    """A function appending one line to the run folder's train_log.jsonl."""
+    def log(line: str) -> None:
+        with open(out / "train_log.jsonl", "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+    return log
+
+
+def _vq_process(cfg: VQConfig, steps: int, out: Path, seed: int, threads: int, **train_kw) -> None:
     """Entry point of the side process that trains the VQ while stage 0 runs (spawned, so picklable args)."""
     torch.set_num_threads(threads)
-    log_file = out / "train_log.jsonl"
-
-    def log(line: str) -> None:
-        with open(log_file, "a", encoding="utf-8") as f:
-            f.write(line + "\n")
-
-    train_vq(cfg, steps, out, seed, torch.device("cpu"), 0, batch_size=batch_size, log=log, warm_steps=warm_steps)
+    train_vq(cfg, steps, out, seed, torch.device("cpu"), 0, log=run_log(out), **train_kw)
 
 
 def _init_weights(model: WallarooModel) -> None:
@@ -412,17 +414,13 @@ def main(argv: list[str] | None = None) -> int:
     rank, world = _dist()
     device = _device(rank)
     args.out.mkdir(parents=True, exist_ok=True)
-    log_file = args.out / "train_log.jsonl"
-
-    def log(line: str) -> None:
-        if rank == 0:
-            with open(log_file, "a", encoding="utf-8") as f:
-                f.write(line + "\n")
+    log = run_log(args.out) if rank == 0 else (lambda line: None)
 
     t0 = time.time()
     model, tok = build_or_resume(args.out, args.seed, device, rank)
     stages = [replace(s, batch_size=args.batch_size) if args.batch_size else s for s in default_stages(args.scale)]
-    vq_args = (model.cfg.vq, args.vq_steps, args.out, args.seed, args.vq_batch_size, args.vq_warm_steps)
+    vq_run = (model.cfg.vq, args.vq_steps, args.out, args.seed)
+    vq_kw = {"batch_size": args.vq_batch_size, "warm_steps": args.vq_warm_steps}
     threads = torch.get_num_threads()
     side = None
     if rank == 0 and vq_steps_done(args.out) < args.vq_steps:
@@ -431,11 +429,12 @@ def main(argv: list[str] | None = None) -> int:
             # Stage 0 (understanding) never touches the VQ, so on a CPU the two train at once, each on
             # half the threads: small convolutions and matrices use one core better than they share two.
             import multiprocessing as mp
-            side = mp.get_context("spawn").Process(target=_vq_process, args=(*vq_args, threads // 2), daemon=True)
+            side = mp.get_context("spawn").Process(target=_vq_process, args=(*vq_run, threads // 2), kwargs=vq_kw,
+                                                   daemon=True)
             side.start()
             torch.set_num_threads(threads - threads // 2)
         else:
-            train_vq(*vq_args[:4], device, rank, batch_size=args.vq_batch_size, log=log, warm_steps=args.vq_warm_steps)
+            train_vq(*vq_run, device, rank, log=log, **vq_kw)
     if dist.is_initialized():
         dist.barrier()  # the other ranks wait for rank 0's VQ instead of timing out inside DDP's first step
     run_stage(0, stages[0], model, tok, args.out, args.seed, device, rank, world, log)
