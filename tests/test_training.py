@@ -65,6 +65,29 @@ def test_each_stage_lowers_its_loss(setup, index):
         assert all(p.requires_grad for p in model.gen_image_head.parameters())
 
 
+def test_multi_turn_understanding_trains_on_every_answer_and_nothing_else(setup):
+    tok, cfg = setup
+    single = make_example("understand", random.Random(7), tok, cfg, [(64, 64)], qa_turns=1)
+    multi = make_example("understand", random.Random(7), tok, cfg, [(64, 64)], qa_turns=3)
+    # The first turn is exactly what inference sees; later turns continue the same chat.
+    assert multi.prompt.ids == single.prompt.ids
+    assert multi.answer_ids[:len(single.answer_ids)] == single.answer_ids
+    batch = collate([multi], cfg)
+    im_end = cfg.token_id("<|im_end|>")
+    targets = batch.text_targets.tolist()
+    assert targets.count(im_end) == 3  # three answers, each closed by <|im_end|>
+    text = tok.decode(batch.ids[0].tolist(), skip_special=False)
+    assert text.count("<|im_start|>assistant\n") == 3 and text.count("<|vision_start|>") == 1
+    # Questions and chat markers of the follow-up turns are context, never targets.
+    answers = tok.decode(targets)
+    for question_word in ("user", "assistant", "What", "Which", "How", "Describe", "Count", "什么", "几"):
+        assert question_word not in answers
+    # Every target is predicted from the position just before it.
+    for index, token in zip(batch.text_target_index.tolist(), targets):
+        assert batch.ids[0, index + 1] == token
+    assert batch.position_ids[0, 0, -1] == batch.position_ids[0, 0, len(multi.prompt.ids)] + len(multi.answer_ids) - 1
+
+
 @pytest.mark.parametrize("threads", [1, 2], ids=["vq-before-stage0", "vq-in-side-process"])
 def test_recipe_runs_end_to_end_resumes_and_exports(tmp_path, threads):
     out, export = tmp_path / "run", tmp_path / "model"

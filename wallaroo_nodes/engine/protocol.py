@@ -111,6 +111,12 @@ def build_understand(tok: TextTokenizer, cfg: WallarooConfig, question: str,
     return _finish(tok, cfg, text, [grid] if grid is not None else [])
 
 
+def follow_up_ids(tok: TextTokenizer, cfg: WallarooConfig, question: str) -> list[int]:
+    """Ids that continue a chat after an answer's <|im_end|> with another user question, up to the next answer."""
+    _check_user_text(question, "question", cfg)
+    return tok.encode(f"\n{IM_START}user\n{question}{IM_END}\n{IM_START}assistant\n")
+
+
 def build_generate(tok: TextTokenizer, cfg: WallarooConfig, prompt: str, size: tuple[int, int],
                    lang: str | None = None, template_index: int = 0) -> Prompt:
     """Text-to-image prompt for an (height, width) size; prompt "" gives the unconditional branch."""

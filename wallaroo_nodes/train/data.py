@@ -14,7 +14,7 @@ from PIL import Image
 
 from ..engine import images
 from ..engine.config import WallarooConfig
-from ..engine.protocol import Prompt, build_edit, build_generate, build_understand
+from ..engine.protocol import Prompt, build_edit, build_generate, build_understand, follow_up_ids
 from ..engine.text import TextTokenizer
 from ..shapes import LANGS, caption, edit_instruction, question_answer, random_scene, render
 
@@ -27,7 +27,8 @@ class Example:
 
     task: str
     prompt: Prompt
-    answer_ids: list[int] = field(default_factory=list)       # understand: answer + <|im_end|>
+    answer_ids: list[int] = field(default_factory=list)       # understand: answer + <|im_end|> (+ more turns)
+    answer_is_target: list[bool] | None = None                # per answer id: trained on (None: all are)
     target_image: Image.Image | None = None                   # generate / edit: image whose codes follow
     source_image: Image.Image | None = None                   # understand / edit: the vision input
     vision_grid: tuple[int, int, int] | None = None
@@ -36,8 +37,12 @@ class Example:
 
 
 def make_example(task: str, rng: random.Random, tok: TextTokenizer, cfg: WallarooConfig,
-                 canvases: list[tuple[int, int]], uncond_prob: float = 0.1) -> Example:
-    """A random example of a task on one of the given canvases; prompts are dropped for CFG with uncond_prob."""
+                 canvases: list[tuple[int, int]], uncond_prob: float = 0.1, qa_turns: int = 1) -> Example:
+    """A random example of a task on one of the given canvases; prompts are dropped for CFG with uncond_prob.
+
+    Understanding examples ask `qa_turns` questions about the image in one chat: every answer is a training
+    target for the price of one pass through the vision tower.
+    """
     canvas = rng.choice(canvases)
     lang = rng.choice(LANGS)
     scene = random_scene(rng, canvas=canvas)
@@ -46,8 +51,17 @@ def make_example(task: str, rng: random.Random, tok: TextTokenizer, cfg: Wallaro
         image = render(scene)
         patches, grid = images.vision_inputs(image, cfg.vision)
         prompt = build_understand(tok, cfg, question, grid)
-        ids = tok.encode(answer) + [cfg.token_id("<|im_end|>")]
-        return Example(task, prompt, answer_ids=ids, source_image=image, vision_grid=grid, vision_patches=patches)
+        im_end = cfg.token_id("<|im_end|>")
+        ids = tok.encode(answer) + [im_end]
+        targets = [True] * len(ids)
+        for _ in range(qa_turns - 1):
+            question, answer = question_answer(scene, lang, rng)
+            turn = follow_up_ids(tok, cfg, question)
+            reply = tok.encode(answer) + [im_end]
+            ids += turn + reply
+            targets += [False] * len(turn) + [True] * len(reply)
+        return Example(task, prompt, answer_ids=ids, answer_is_target=targets, source_image=image, vision_grid=grid,
+                       vision_patches=patches)
     if task == "generate":
         text = "" if rng.random() < uncond_prob else caption(scene, lang, rng)
         prompt = build_generate(tok, cfg, text, canvas, lang=lang)
@@ -119,8 +133,9 @@ def collate(examples: list[Example], cfg: WallarooConfig) -> Batch:
         for j, t in enumerate(cont):
             at = n_prompt + j
             if task == "understand":
-                text_tgt.append(base + at - 1)
-                text_y.append(t)
+                if e.answer_is_target is None or e.answer_is_target[j]:
+                    text_tgt.append(base + at - 1)
+                    text_y.append(t)
             elif t == pad_code:
                 code_in.append(base + at)
                 code_tgt.append(base + at - 1)
