@@ -271,7 +271,8 @@ def _restart_dead_codes(vq: VQModel, x: torch.Tensor, usage: torch.Tensor, rng: 
 # --- the stages -----------------------------------------------------------------------------------
 
 def run_stage(index: int, stage: Stage, model: WallarooModel, tok: TextTokenizer, out: Path, seed: int,
-              device: torch.device, rank: int, world: int, log=print) -> None:
+              device: torch.device, rank: int, world: int, log=print,
+              before_step: Callable[[], None] | None = None) -> None:
     """Train one stage from its checkpoint (if any) to the end, checkpointing every couple of minutes."""
     ckpt = out / f"stage{index}.pt"
     done_marker = out / f"stage{index}.done"
@@ -296,6 +297,8 @@ def run_stage(index: int, stage: Stage, model: WallarooModel, tok: TextTokenizer
     t0, seen, ema = time.time(), 0, {}
     last_save = t0
     for step in bar:
+        if before_step is not None:
+            before_step()
         rng = random.Random(seed * 1_000_003 + index * 10_000_019 + step * 131 + rank)
         task = rng.choices(tasks, weights)[0]
         canvas = rng.choice(stage.canvases)
@@ -443,7 +446,11 @@ def main(argv: list[str] | None = None) -> int:
             train_vq(*vq_run, device, rank, log=log, **vq_kw)
     if dist.is_initialized():
         dist.barrier()  # the other ranks wait for rank 0's VQ instead of timing out inside DDP's first step
-    run_stage(0, stages[0], model, tok, args.out, args.seed, device, rank, world, log)
+    def take_back_threads() -> None:
+        # The VQ usually finishes first: stage 0 then gets all the threads for the rest of its steps.
+        if side is not None and not side.is_alive() and torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+    run_stage(0, stages[0], model, tok, args.out, args.seed, device, rank, world, log, before_step=take_back_threads)
     if side is not None:
         side.join()
         torch.set_num_threads(threads)
