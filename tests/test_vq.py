@@ -196,3 +196,28 @@ def test_bf16_decode_close_to_fp32() -> None:
     assert low.dtype == torch.bfloat16 and feats.dtype == torch.bfloat16
     err = (low.float() - ref).abs().max().item()
     assert err < 0.05 * ref.abs().max().item() + 1e-3, err
+
+
+def test_cell_local_encoding_gives_a_cell_its_code_from_its_own_pixels_only() -> None:
+    torch.manual_seed(0)
+    cfg = VQConfig(codebook_size=64, codebook_embed_dim=8, ch=16, ch_mult=(1, 2, 2, 4), num_res_blocks=1,
+                   z_channels=64, norm_groups=8, cell_local=True)
+    local = VQModel(cfg).eval()
+    glob = VQModel(VQConfig(**{**cfg.__dict__, "cell_local": False})).eval()
+    glob.load_state_dict(local.state_dict())  # same weights and names: only the encoding differs
+    flat = torch.full((1, 3, 32, 48), 0.3)
+    busy = flat.clone()
+    busy[:, :, 8:24, 24:40] = torch.rand(3, 16, 16) * 2 - 1  # an "object" in four cells
+    with torch.no_grad():
+        z_flat, z_busy = local.encode_features(flat), local.encode_features(busy)
+        g_flat, g_busy = glob.encode_features(flat), glob.encode_features(busy)
+        # Cell (0, 0) is identical in both images; so is its latent, but only when encoded locally.
+        torch.testing.assert_close(z_flat[0, 0, 0], z_busy[0, 0, 0])
+        assert not torch.allclose(g_flat[0, 0, 0], g_busy[0, 0, 0])
+        # Each cell is encoded exactly as if it were an 8x8 image of its own.
+        cell = busy[:, :, 8:16, 24:32]
+        torch.testing.assert_close(local.encode_features(cell)[0, 0, 0], z_busy[0, 1, 3])
+        # Every flat cell of one colour shares a code, and the decoder still sees the whole grid.
+        codes = local.encode(flat)
+        assert codes.unique().numel() == 1
+        assert local.decode_codes(codes).shape == (1, 3, 32, 48)

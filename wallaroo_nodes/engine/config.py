@@ -105,6 +105,9 @@ class VQConfig:
     z_channels: int = 256
     norm_groups: int = 32
     in_channels: int = 3
+    # Encode each ds x ds cell on its own (the decoder still sees the whole grid). Off for LlamaGen's
+    # checkpoints; the tiny model uses it so a flat cell always gets the same code, whatever is around it.
+    cell_local: bool = False
 
     @property
     def downsample(self) -> int:

@@ -205,8 +205,16 @@ class VQModel(nn.Module):
 
     def encode_features(self, x: torch.Tensor) -> torch.Tensor:
         """Images [B, 3, H, W] in [-1, 1] -> unit-norm, unquantised latents [B, h, w, C]."""
-        z = self.quant_conv(self.encoder(x))
-        return F.normalize(z.permute(0, 2, 3, 1), dim=-1)
+        if not self.cfg.cell_local:
+            z = self.quant_conv(self.encoder(x))
+            return F.normalize(z.permute(0, 2, 3, 1), dim=-1)
+        b, c, height, width = x.shape
+        ds = self.downsample
+        h, w = height // ds, width // ds
+        # [B, 3, h*ds, w*ds] -> [B*h*w, 3, ds, ds]: every cell becomes its own 1x1-latent image.
+        cells = x.reshape(b, c, h, ds, w, ds).permute(0, 2, 4, 1, 3, 5).reshape(b * h * w, c, ds, ds)
+        z = self.quant_conv(self.encoder(cells))
+        return F.normalize(z.reshape(b, h, w, -1), dim=-1)
 
     def quantize_features(self, z: torch.Tensor) -> torch.Tensor:
         """Latents [B, h, w, C] -> nearest codebook ids [B, h, w] (by l2 distance of unit vectors)."""

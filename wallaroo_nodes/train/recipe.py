@@ -77,10 +77,12 @@ def tiny_model_config(tokens: dict[str, int], vocab_size: int) -> WallarooConfig
         vision=VisionConfig(depth=4, hidden_size=128, num_heads=4, intermediate_size=256, out_hidden_size=256,
                             fullatt_block_indexes=(1, 3), min_pixels=112 * 112, max_pixels=28 * 28 * 32,
                             edit_min_pixels=112 * 112, edit_max_pixels=28 * 28 * 32),
-        # 256 codes, not 1,024: fewer synonym codes for the same flat background, i.e. less for the LLM to
-        # guess (full runs: entropy 0.83 vs 1.12 nats, round trip 0.80 vs 0.88).
-        vq=VQConfig(codebook_size=256, codebook_embed_dim=8, ch=16, ch_mult=(1, 2, 2, 4), num_res_blocks=1,
-                    z_channels=64, norm_groups=8),
+        # Cells encoded on their own: with the whole image in view the encoder gave a flat background many
+        # codes, each carrying context the LLM could not guess (0.83 nats per background cell with 256 codes,
+        # 1.12 with 1,024). Encoded locally a flat cell has exactly one code per colour (entropy 0), so the
+        # book can be 1,024 codes again for the objects' edges.
+        vq=VQConfig(codebook_size=1024, codebook_embed_dim=8, ch=16, ch_mult=(1, 2, 2, 4), num_res_blocks=1,
+                    z_channels=64, norm_groups=8, cell_local=True),
         protocol=protocol,
         sampling=SamplingDefaults(generate_cfg=1.5, generate_top_k=50, edit_cfg=1.5, edit_top_k=50,
                                   understand_max_new_tokens=48),
