@@ -80,3 +80,21 @@ def make_model_folder(tmp: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     model = randomize_(WallarooModel(cfg), seed=seed, scale=0.7).eval()
     return save_model(model, tmp / "model", tok_path)
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    """Run the `wallaroo` CLI in-process; returns (exit code, stdout, stderr)."""
+    from wallaroo_sdk.cli import main
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_line_error(err: str, *needles: str) -> str:
+    """Assert stderr is one `wallaroo: error:` line (no traceback) naming every needle; return it."""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("wallaroo: error: "), err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]

@@ -12,10 +12,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from helpers import make_model_folder, make_tokenizer_and_config, randomize_
+from helpers import make_model_folder, make_tokenizer_and_config, one_line_error, randomize_, run_cli
 from wallaroo_nodes.engine.model import WallarooModel
 from wallaroo_nodes.engine.weights import save_model
-from wallaroo_sdk.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -43,26 +42,11 @@ def picture(tmp_path) -> Path:
     return path
 
 
-def _run(capsys, *argv) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def _one_line_error(err: str, *needles: str) -> str:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("wallaroo: error: "), err
-    assert "Traceback" not in err
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-    return lines[0]
-
-
 # --- single runs --------------------------------------------------------------------------------------
 
 def test_generate_writes_pngs_with_text_chunks(model, tmp_path, capsys):
     out = tmp_path / "cat.png"
-    code, stdout, err = _run(capsys, "generate", "a red circle", "--out", out, "--model", model, "--seed", "5",
+    code, stdout, err = run_cli(capsys, "generate", "a red circle", "--out", out, "--model", model, "--seed", "5",
                              "--cfg", "1.5", "--size", "48x32", "--top-k", "7", "--quiet")
     assert code == 0, err
     assert stdout.splitlines() == [str(out)] and err == ""
@@ -74,7 +58,7 @@ def test_generate_writes_pngs_with_text_chunks(model, tmp_path, capsys):
     assert settings["cfg"] == 1.5 and settings["size"] == "48x32" and settings["top_k"] == 7
     assert settings["model_path"] == str(Path(model).resolve()) and settings["temperature"] == 1.0
 
-    code, stdout, err = _run(capsys, "generate", "两个", "--out", tmp_path / "many.png", "--model", model, "--n", "3",
+    code, stdout, err = run_cli(capsys, "generate", "两个", "--out", tmp_path / "many.png", "--model", model, "--n", "3",
                              "--seed", "-1")
     assert code == 0, err
     paths = [tmp_path / f"many_{i}.png" for i in range(3)]
@@ -86,14 +70,14 @@ def test_generate_writes_pngs_with_text_chunks(model, tmp_path, capsys):
 
 def test_edit_and_understand(model, picture, tmp_path, capsys):
     out = tmp_path / "edited.png"
-    code, stdout, err = _run(capsys, "edit", picture, "make it red", "--out", out, "--model", model, "--seed", "2")
+    code, stdout, err = run_cli(capsys, "edit", picture, "make it red", "--out", out, "--model", model, "--seed", "2")
     assert code == 0, err
     with Image.open(out) as im:
         assert im.size == (32, 48)  # 30x44 (w x h) maps to 48x32 (h x w)
         meta = json.loads(im.text["wallaroo"])
     assert im.text["instruction"] == "make it red" and meta["source"] == str(picture) and meta["seed"] == 2
 
-    code, stdout, err = _run(capsys, "understand", picture, "What colour is the background?", "--model", model,
+    code, stdout, err = run_cli(capsys, "understand", picture, "What colour is the background?", "--model", model,
                              "--max-new-tokens", "5")
     assert code == 0, err
     assert stdout.endswith("\n") and stdout.count("\n") >= 1 and err == ""
@@ -125,20 +109,20 @@ def test_bad_input_is_one_line_with_exit_code_2(model, picture, tmp_path, capsys
         argv += ["--out", str(kept)]
     if "--model" not in argv:
         argv += ["--model", model]
-    code, stdout, err = _run(capsys, *argv)
+    code, stdout, err = run_cli(capsys, *argv)
     assert code == 2 and stdout == ""
-    _one_line_error(err, *needles)
+    one_line_error(err, *needles)
     assert kept.read_bytes() == b"an earlier result"  # nothing already written is lost
 
 
 def test_usage_errors_come_from_argparse(model, capsys):
-    code, _, err = _run(capsys, "generate", "x", "--out", "a.png", "--size", "big")
+    code, _, err = run_cli(capsys, "generate", "x", "--out", "a.png", "--size", "big")
     assert code == 2 and "argument --size: expected HxW" in err and "Traceback" not in err
-    code, _, err = _run(capsys, "generate", "x", "--out", "a.png", "--n", "0")
+    code, _, err = run_cli(capsys, "generate", "x", "--out", "a.png", "--n", "0")
     assert code == 2 and "argument --n: expected a positive integer" in err
-    code, _, err = _run(capsys, "eval", "--tasks", "dance")
+    code, _, err = run_cli(capsys, "eval", "--tasks", "dance")
     assert code == 2 and "unknown task 'dance'" in err
-    code, out, _ = _run(capsys, "--help")
+    code, out, _ = run_cli(capsys, "--help")
     assert code == 0 and all(c in out for c in ("understand", "generate", "edit", "convert", "download", "eval", "info"))
 
 
@@ -148,7 +132,7 @@ def test_errors_from_a_real_process(tmp_path):
                            "--out", str(tmp_path / "o.png")], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 2 and proc.stdout == ""
-    _one_line_error(proc.stderr, "nope.png: image file not found")
+    one_line_error(proc.stderr, "nope.png: image file not found")
 
 
 # --- batches ------------------------------------------------------------------------------------------
@@ -175,7 +159,7 @@ def test_generate_batch_survives_bad_lines_and_resumes(model, tmp_path, capsys):
         '{"prompt": "again", "id": "red"}',
     )
     out = tmp_path / "out"
-    code, stdout, err = _run(capsys, "generate", "--prompts", prompts, "--out", out, "--model", model, "--cfg", "1.5")
+    code, stdout, err = run_cli(capsys, "generate", "--prompts", prompts, "--out", out, "--model", model, "--cfg", "1.5")
     assert code == 1
     assert "3 done, 0 skipped (already done), 4 failed, of 7 lines" in stdout
     errors = err.strip().splitlines()
@@ -201,7 +185,7 @@ def test_generate_batch_survives_bad_lines_and_resumes(model, tmp_path, capsys):
     stamps = {p.name: p.stat().st_mtime_ns for p in out.glob("*.png")}
 
     # Rerun: finished lines are skipped, untouched.
-    code, stdout, err = _run(capsys, "generate", "--prompts", prompts, "--out", out, "--model", model, "--cfg", "1.5")
+    code, stdout, err = run_cli(capsys, "generate", "--prompts", prompts, "--out", out, "--model", model, "--cfg", "1.5")
     assert code == 1 and "0 done, 3 skipped (already done), 4 failed" in stdout
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.png")} == stamps
 
@@ -210,14 +194,14 @@ def test_generate_batch_survives_bad_lines_and_resumes(model, tmp_path, capsys):
                  '{"prompt": "wrong size", "size": "32x48"}', '', '',
                  '{"prompt": "two of them", "n": 2, "seed": 4, "size": [48, 32]}')
     (out / "00006_1.png").unlink()
-    code, stdout, err = _run(capsys, "generate", "--prompts", prompts, "--out", out, "--model", model, "--cfg", "1.5")
+    code, stdout, err = run_cli(capsys, "generate", "--prompts", prompts, "--out", out, "--model", model, "--cfg", "1.5")
     assert code == 0, err
     assert "2 done, 2 skipped (already done), 0 failed, of 4 lines" in stdout
     assert not (out / "errors.jsonl").exists() and (out / "00006_1.png").is_file()
     assert (out / "red.png").stat().st_mtime_ns == stamps["red.png"]
 
     # Changed settings redo the lines they affect.
-    code, stdout, _ = _run(capsys, "generate", "--prompts", prompts, "--out", out, "--model", model, "--cfg", "2.5")
+    code, stdout, _ = run_cli(capsys, "generate", "--prompts", prompts, "--out", out, "--model", model, "--cfg", "2.5")
     assert code == 0 and "4 done, 0 skipped" in stdout
     assert json.loads(Image.open(out / "red.png").text["settings"])["cfg"] == 2.5
 
@@ -236,7 +220,7 @@ def test_edit_and_understand_batches(model, picture, tmp_path, capsys):
         '{"instruction": "no image"}',
     )
     out = tmp_path / "edited"
-    code, stdout, err = _run(capsys, "edit", "--prompts", jobs, "--out", out, "--model", model)
+    code, stdout, err = run_cli(capsys, "edit", "--prompts", jobs, "--out", out, "--model", model)
     assert code == 1 and "2 done, 0 skipped (already done), 4 failed, of 6 lines" in stdout
     lines = err.strip().splitlines()
     assert "bad.png: not a readable image" in lines[0] and "'instruction' is missing or empty" in lines[1]
@@ -251,9 +235,9 @@ def test_edit_and_understand_batches(model, picture, tmp_path, capsys):
         '{"image": "imgs/wide.png", "question": "x", "max_new_tokens": "many"}',
     )
     out = tmp_path / "answers"
-    code, stdout, err = _run(capsys, "understand", "--prompts", questions, "--out", out, "--model", model)
+    code, stdout, err = run_cli(capsys, "understand", "--prompts", questions, "--out", out, "--model", model)
     assert code == 1 and "2 done" in stdout
-    _one_line_error(err.strip().splitlines()[0] + "\n", "questions.jsonl:3", "'max_new_tokens' must be an integer")
+    one_line_error(err.strip().splitlines()[0] + "\n", "questions.jsonl:3", "'max_new_tokens' must be an integer")
     records = {r["id"]: r for r in _results(out)}
     assert set(records) == {"00001", "text-only"}
     for key, rec in records.items():
@@ -265,7 +249,7 @@ def test_edit_and_understand_batches(model, picture, tmp_path, capsys):
 
 def test_eval_on_a_shapes_sized_model(shapes_model, tmp_path, capsys):
     report_path, grid = tmp_path / "report.json", tmp_path / "grid.png"
-    code, stdout, err = _run(capsys, "eval", "--model", shapes_model, "--n", "2", "--json", report_path, "--grid", grid,
+    code, stdout, err = run_cli(capsys, "eval", "--model", shapes_model, "--n", "2", "--json", report_path, "--grid", grid,
                              "--cfg", "1.0", "--top-k", "5", "--temperature", "0.7")
     assert code == 0, err
     lines = stdout.splitlines()
@@ -284,19 +268,19 @@ def test_eval_on_a_shapes_sized_model(shapes_model, tmp_path, capsys):
     with Image.open(grid) as im:
         assert im.format == "PNG" and im.width > 0
 
-    code, _, err = _run(capsys, "eval", "--model", shapes_model, "--n", "1", "--tasks", "understand",
+    code, _, err = run_cli(capsys, "eval", "--model", shapes_model, "--n", "1", "--tasks", "understand",
                         "--require-bars", "--quiet")
     assert code in (0, 1)
     if code == 1:
-        _one_line_error(err, "quality bars missed: understanding.accuracy")
+        one_line_error(err, "quality bars missed: understanding.accuracy")
 
 
 def test_eval_says_why_a_model_cannot_be_scored(model, capsys):
-    code, stdout, err = _run(capsys, "eval", "--model", model, "--n", "1")
+    code, stdout, err = run_cli(capsys, "eval", "--model", model, "--n", "1")
     assert code == 2 and stdout == ""
-    _one_line_error(err, "cannot be scored on shapes-world generation or editing", "64x64, 48x80, 80x48",
+    one_line_error(err, "cannot be scored on shapes-world generation or editing", "64x64, 48x80, 80x48",
                     "--tasks understand")
-    code, stdout, err = _run(capsys, "eval", "--model", model, "--n", "2", "--tasks", "understand")
+    code, stdout, err = run_cli(capsys, "eval", "--model", model, "--n", "2", "--tasks", "understand")
     assert code == 0, err
     assert "understanding.accuracy" in stdout and "generation" not in stdout
     assert "not look like a shapes-world model" in stdout
@@ -306,13 +290,13 @@ def test_eval_says_why_a_model_cannot_be_scored(model, capsys):
                     reason="the bundled tiny model is not there yet")
 def test_commands_default_to_the_bundled_tiny_model(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("WALLAROO_MODEL", raising=False)
-    code, stdout, err = _run(capsys, "generate", "a red circle", "--out", tmp_path / "a.png", "--quiet")
+    code, stdout, err = run_cli(capsys, "generate", "a red circle", "--out", tmp_path / "a.png", "--quiet")
     assert code == 0, err
     assert Image.open(tmp_path / "a.png").text["model"] == json.loads(
         (ROOT / "wallaroo_nodes/models/tiny/config.json").read_text())["name"]
-    code, stdout, err = _run(capsys, "edit", tmp_path / "a.png", "make it blue", "--out", tmp_path / "b.png")
+    code, stdout, err = run_cli(capsys, "edit", tmp_path / "a.png", "make it blue", "--out", tmp_path / "b.png")
     assert code == 0, err
-    code, stdout, err = _run(capsys, "understand", tmp_path / "b.png", "What colour is the shape?")
+    code, stdout, err = run_cli(capsys, "understand", tmp_path / "b.png", "What colour is the shape?")
     assert code == 0 and stdout.strip(), err
-    code, stdout, err = _run(capsys, "eval", "--n", "2", "--quiet")
+    code, stdout, err = run_cli(capsys, "eval", "--n", "2", "--quiet")
     assert code == 0 and "understanding.accuracy" in stdout and "note:" not in stdout, err

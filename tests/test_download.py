@@ -18,9 +18,9 @@ from urllib.parse import unquote, urlparse
 import pytest
 import torch
 
+from helpers import one_line_error, run_cli
 from official_release import make_release
 from wallaroo_nodes.engine.weights import load_model
-from wallaroo_sdk.cli import main
 from wallaroo_sdk.download import OFFICIAL_FILES, DownloadError, HubFile, download_official
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -165,21 +165,6 @@ def hub(release):
     server.close()
 
 
-def _run(capsys, *argv) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def _one_line_error(err: str, *needles: str) -> str:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("wallaroo: error: "), err
-    assert "Traceback" not in err
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-    return lines[0]
-
-
 def _assert_same_model(folder: Path, release) -> None:
     model, _ = load_model(folder, dtype="fp32", device="cpu")
     ours, theirs = model.state_dict(), release.model.state_dict()
@@ -188,7 +173,7 @@ def _assert_same_model(folder: Path, release) -> None:
 
 def test_download_and_convert_end_to_end(hub, release, tmp_path, capsys):
     out = tmp_path / "dl"
-    code, stdout, err = _run(capsys, "download", "--endpoint", hub.url, "--out", out, "--dtype", "fp32", "--quiet")
+    code, stdout, err = run_cli(capsys, "download", "--endpoint", hub.url, "--out", out, "--dtype", "fp32", "--quiet")
     assert code == 0, err
     model_dir = Path(stdout.strip().splitlines()[-1])
     assert model_dir == (out / "model").resolve()
@@ -209,7 +194,7 @@ def test_download_and_convert_end_to_end(hub, release, tmp_path, capsys):
 
     # A rerun downloads nothing and does not convert again.
     hub.log.clear()
-    code, stdout, err = _run(capsys, "download", "--endpoint", hub.url, "--out", out, "--dtype", "fp32", "--quiet")
+    code, stdout, err = run_cli(capsys, "download", "--endpoint", hub.url, "--out", out, "--dtype", "fp32", "--quiet")
     assert code == 0, err
     assert stdout.strip().splitlines()[-1] == str(model_dir)
     assert "already converted" in stdout
@@ -219,16 +204,16 @@ def test_download_and_convert_end_to_end(hub, release, tmp_path, capsys):
 def test_interrupted_transfer_resumes_on_the_next_run(hub, release, tmp_path, capsys):
     out = tmp_path / "dl"
     hub.cut.add("checkpoint.ckpt")
-    code, stdout, err = _run(capsys, "download", "--endpoint", hub.url, "--out", out, "--retries", "0",
+    code, stdout, err = run_cli(capsys, "download", "--endpoint", hub.url, "--out", out, "--retries", "0",
                              "--no-convert", "--quiet")
     assert code == 1
-    _one_line_error(err, "checkpoint.ckpt", "interrupted", "run the command again to resume")
+    one_line_error(err, "checkpoint.ckpt", "interrupted", "run the command again to resume")
     part = out / "sources/wallaroo/checkpoint.ckpt.part"
     size = release.checkpoint.stat().st_size
     assert part.is_file() and part.stat().st_size == size // 2
     assert not (out / "sources/wallaroo/checkpoint.ckpt").exists() and not (out / "model").exists()
 
-    code, stdout, err = _run(capsys, "download", "--endpoint", hub.url, "--out", out, "--dtype", "fp32", "--quiet")
+    code, stdout, err = run_cli(capsys, "download", "--endpoint", hub.url, "--out", out, "--dtype", "fp32", "--quiet")
     assert code == 0, err
     assert hub.body_requests("checkpoint.ckpt") == [None, f"bytes={size // 2}-"]
     assert "resuming at byte" in stdout
@@ -238,7 +223,7 @@ def test_interrupted_transfer_resumes_on_the_next_run(hub, release, tmp_path, ca
 
 def test_interrupted_transfer_resumes_within_one_run(hub, release, tmp_path, capsys):
     hub.cut.add("vq_ds16_t2i.pt")
-    code, _, err = _run(capsys, "download", "--endpoint", hub.url, "--out", tmp_path / "dl", "--dtype", "fp32",
+    code, _, err = run_cli(capsys, "download", "--endpoint", hub.url, "--out", tmp_path / "dl", "--dtype", "fp32",
                         "--quiet")
     assert code == 0, err
     size = release.vq.stat().st_size
@@ -249,7 +234,7 @@ def test_interrupted_transfer_resumes_within_one_run(hub, release, tmp_path, cap
 def test_server_ignoring_range_restarts_the_file(hub, release, tmp_path, capsys):
     hub.cut.add("checkpoint.ckpt")
     hub.ignore_range = True
-    code, _, err = _run(capsys, "download", "--endpoint", hub.url, "--out", tmp_path / "dl", "--no-convert", "--quiet")
+    code, _, err = run_cli(capsys, "download", "--endpoint", hub.url, "--out", tmp_path / "dl", "--no-convert", "--quiet")
     assert code == 0, err
     got = (tmp_path / "dl/sources/wallaroo/checkpoint.ckpt").read_bytes()
     assert got == release.checkpoint.read_bytes()
@@ -259,9 +244,9 @@ def test_server_ignoring_range_restarts_the_file(hub, release, tmp_path, capsys)
 def test_corrupted_file_is_rejected(hub, release, tmp_path, capsys, name, check):
     out = tmp_path / "dl"
     hub.corrupt.add(name)
-    code, stdout, err = _run(capsys, "download", "--endpoint", hub.url, "--out", out, "--quiet")
+    code, stdout, err = run_cli(capsys, "download", "--endpoint", hub.url, "--out", out, "--quiet")
     assert code == 1
-    _one_line_error(err, name, "checksum mismatch", check, "removed")
+    one_line_error(err, name, "checksum mismatch", check, "removed")
     assert not list(out.rglob(name)) and not list(out.rglob(name + ".part"))
     assert not (out / "model").exists()
     # Files verified before the bad one are kept, and not fetched again once the hub serves good bytes.
@@ -269,7 +254,7 @@ def test_corrupted_file_is_rejected(hub, release, tmp_path, capsys, name, check)
     assert "sources/wallaroo/checkpoint.ckpt" in kept
     hub.corrupt.clear()
     hub.log.clear()
-    code, _, err = _run(capsys, "download", "--endpoint", hub.url, "--out", out, "--dtype", "fp32", "--quiet")
+    code, _, err = run_cli(capsys, "download", "--endpoint", hub.url, "--out", out, "--dtype", "fp32", "--quiet")
     assert code == 0, err
     assert hub.body_requests("checkpoint.ckpt") == [] and hub.body_requests(name) == [None]
     _assert_same_model(out / "model", release)
@@ -279,7 +264,7 @@ def test_checkpoint_under_another_name_is_found(release, tmp_path, capsys):
     server = FakeHub()
     try:
         _serve_release(server, release, checkpoint_name="wallaroo_7b_stage4.ckpt")
-        code, stdout, err = _run(capsys, "download", "--endpoint", server.url, "--out", tmp_path / "dl",
+        code, stdout, err = run_cli(capsys, "download", "--endpoint", server.url, "--out", tmp_path / "dl",
                                  "--no-convert", "--quiet")
         assert code == 0, err
         assert "using wallaroo_7b_stage4.ckpt" in stdout
@@ -292,19 +277,19 @@ def test_checkpoint_under_another_name_is_found(release, tmp_path, capsys):
 def test_endpoint_from_the_environment_and_missing_files(hub, tmp_path, capsys, monkeypatch):
     del hub.files[("Qwen/Qwen2.5-VL-7B-Instruct", "tokenizer_config.json")]
     monkeypatch.setenv("HF_ENDPOINT", hub.url)
-    code, _, err = _run(capsys, "download", "--out", tmp_path / "dl", "--quiet")
+    code, _, err = run_cli(capsys, "download", "--out", tmp_path / "dl", "--quiet")
     assert code == 1
-    _one_line_error(err, f"{hub.url}/Qwen/Qwen2.5-VL-7B-Instruct/resolve/main/tokenizer_config.json", "404")
+    one_line_error(err, f"{hub.url}/Qwen/Qwen2.5-VL-7B-Instruct/resolve/main/tokenizer_config.json", "404")
 
 
 def test_unreachable_endpoint(tmp_path, capsys):
     server = FakeHub()
     url = server.url
     server.close()  # nothing listens there any more
-    code, out, err = _run(capsys, "download", "--endpoint", url, "--out", tmp_path / "dl", "--quiet",
+    code, out, err = run_cli(capsys, "download", "--endpoint", url, "--out", tmp_path / "dl", "--quiet",
                           "--retries", "0", "--timeout", "5")
     assert code == 1
-    _one_line_error(err, url, "connection failed")
+    one_line_error(err, url, "connection failed")
 
 
 def test_manifest_pins_are_checked(hub, release, tmp_path):
