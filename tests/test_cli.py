@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import make_tokenizer_and_config, randomize_
+from helpers import make_tokenizer_and_config, one_line_error, randomize_, run_cli
 from official_release import make_release
 from wallaroo_nodes.engine.model import WallarooModel
 from wallaroo_nodes.engine.weights import load_model, save_model
 from wallaroo_sdk import __version__
-from wallaroo_sdk.cli import main, part_of
+from wallaroo_sdk.cli import part_of
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -36,12 +36,6 @@ def release(tmp_path_factory):
     return make_release(tmp_path_factory.mktemp("release"))
 
 
-def _run(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def _expected_parameters(model: WallarooModel) -> dict[str, int]:
     counts: dict[str, int] = {}
     for name, t in model.state_dict().items():
@@ -51,7 +45,7 @@ def _expected_parameters(model: WallarooModel) -> dict[str, int]:
 
 def test_info_json(tiny, capsys):
     folder, model = tiny
-    code, out, err = _run(capsys, "info", "--model", folder, "--json")
+    code, out, err = run_cli(capsys, "info", "--model", folder, "--json")
     assert code == 0 and err == ""
     info = json.loads(out)
     cfg = model.cfg
@@ -73,7 +67,7 @@ def test_info_json(tiny, capsys):
 
 def test_info_text(tiny, capsys):
     folder, model = tiny
-    code, out, _ = _run(capsys, "info", "--model", folder)
+    code, out, _ = run_cli(capsys, "info", "--model", folder)
     assert code == 0
     assert out.startswith("model       test-tiny")
     assert "sizes (HxW) 32x32 32x48 48x32  (default 32x32)" in out
@@ -85,7 +79,7 @@ def test_info_text(tiny, capsys):
 
 def test_info_uses_the_environment_variable(tiny, capsys, monkeypatch):
     monkeypatch.setenv("WALLAROO_MODEL", str(tiny[0]))
-    code, out, _ = _run(capsys, "info", "--json")
+    code, out, _ = run_cli(capsys, "info", "--json")
     assert code == 0 and json.loads(out)["name"] == "test-tiny"
 
 
@@ -94,9 +88,9 @@ def test_info_without_a_model(tmp_path, capsys, monkeypatch):
 
     monkeypatch.delenv("WALLAROO_MODEL", raising=False)
     monkeypatch.setattr(cache, "BUNDLED_MODELS", tmp_path / "no-bundled-models")
-    code, out, err = _run(capsys, "info")
+    code, out, err = run_cli(capsys, "info")
     assert code == 2 and out == ""
-    _assert_one_line_error(err, "'tiny' not found", "model folder path")
+    one_line_error(err, "'tiny' not found", "model folder path")
 
 
 def test_info_as_a_real_subprocess(tiny, tmp_path):
@@ -115,16 +109,16 @@ def test_info_as_a_real_subprocess(tiny, tmp_path):
 
 
 def test_version_and_help(capsys):
-    code, out, _ = _run(capsys, "--version")
+    code, out, _ = run_cli(capsys, "--version")
     assert code == 0 and out.strip() == f"wallaroo {__version__}"
-    code, out, _ = _run(capsys, "info", "--help")
+    code, out, _ = run_cli(capsys, "info", "--help")
     assert code == 0 and "--model PATH" in out and "--json" in out
 
 
 def test_convert(release, tmp_path, capsys):
     out_dir = tmp_path / "converted"
-    code, out, err = _run(capsys, "convert", "--checkpoint", release.checkpoint, "--vq", release.vq,
-                          "--qwen", release.qwen_dir, "--out", out_dir, "--dtype", "fp32")
+    code, out, err = run_cli(capsys, "convert", "--checkpoint", release.checkpoint, "--vq", release.vq,
+                             "--qwen", release.qwen_dir, "--out", out_dir, "--dtype", "fp32")
     assert code == 0, err
     lines = out.strip().splitlines()
     assert lines[-1] == str(out_dir.resolve())
@@ -134,32 +128,24 @@ def test_convert(release, tmp_path, capsys):
     ours, theirs = model.state_dict(), release.model.state_dict()
     assert sorted(ours) == sorted(theirs) and all(torch.equal(ours[k], theirs[k]) for k in ours)
     # The default dtype is the release's bf16.
-    code, _, err = _run(capsys, "convert", "--checkpoint", release.checkpoint, "--vq", release.vq,
-                        "--qwen", release.qwen_dir, "--out", tmp_path / "bf16")
+    code, _, err = run_cli(capsys, "convert", "--checkpoint", release.checkpoint, "--vq", release.vq,
+                           "--qwen", release.qwen_dir, "--out", tmp_path / "bf16")
     assert code == 0, err
     assert json.loads((tmp_path / "bf16" / "config.json").read_text())["weights_dtype"] == "bfloat16"
-
-
-def _assert_one_line_error(err: str, *needles: str) -> None:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("wallaroo: error: "), err
-    assert "Traceback" not in err
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
 
 
 def test_errors_are_one_line_with_exit_code_2(tiny, tmp_path, capsys):
     folder, _ = tiny
     missing = tmp_path / "nowhere"
-    code, out, err = _run(capsys, "info", "--model", missing)
+    code, out, err = run_cli(capsys, "info", "--model", missing)
     assert code == 2 and out == ""
-    _assert_one_line_error(err, str(missing), "not found")
+    one_line_error(err, str(missing), "not found")
 
     empty = tmp_path / "empty"
     empty.mkdir()
-    code, _, err = _run(capsys, "info", "--model", empty)
+    code, _, err = run_cli(capsys, "info", "--model", empty)
     assert code == 2
-    _assert_one_line_error(err, str(empty / "config.json"))
+    one_line_error(err, str(empty / "config.json"))
 
     broken = tmp_path / "broken"
     broken.mkdir()
@@ -167,34 +153,34 @@ def test_errors_are_one_line_with_exit_code_2(tiny, tmp_path, capsys):
         (broken / f.name).write_bytes(f.read_bytes())
     shard = sorted(broken.glob("model-*.safetensors"))[0]
     shard.write_bytes(shard.read_bytes()[:shard.stat().st_size // 2])
-    code, _, err = _run(capsys, "info", "--model", broken)
+    code, _, err = run_cli(capsys, "info", "--model", broken)
     assert code == 2
-    _assert_one_line_error(err, str(shard), "truncated")
+    one_line_error(err, str(shard), "truncated")
 
     text = tmp_path / "weights.txt"
     text.write_text("not a checkpoint\n")
-    code, _, err = _run(capsys, "convert", "--checkpoint", text, "--vq", text, "--qwen", tmp_path, "--out",
-                        tmp_path / "out")
+    code, _, err = run_cli(capsys, "convert", "--checkpoint", text, "--vq", text, "--qwen", tmp_path, "--out",
+                           tmp_path / "out")
     assert code == 2
-    _assert_one_line_error(err, str(tmp_path / "config.json"), "missing")
+    one_line_error(err, str(tmp_path / "config.json"), "missing")
 
 
 def test_convert_errors(release, tmp_path, capsys):
     text = tmp_path / "weights.txt"
     text.write_text("not a checkpoint\n")
-    code, _, err = _run(capsys, "convert", "--checkpoint", text, "--vq", release.vq, "--qwen", release.qwen_dir,
-                        "--out", tmp_path / "out")
+    code, _, err = run_cli(capsys, "convert", "--checkpoint", text, "--vq", release.vq, "--qwen", release.qwen_dir,
+                           "--out", tmp_path / "out")
     assert code == 2
-    _assert_one_line_error(err, str(text), "not a PyTorch checkpoint")
+    one_line_error(err, str(text), "not a PyTorch checkpoint")
 
-    code, _, err = _run(capsys, "convert", "--checkpoint", tmp_path / "absent.ckpt", "--vq", release.vq,
-                        "--qwen", release.qwen_dir, "--out", tmp_path / "out")
+    code, _, err = run_cli(capsys, "convert", "--checkpoint", tmp_path / "absent.ckpt", "--vq", release.vq,
+                           "--qwen", release.qwen_dir, "--out", tmp_path / "out")
     assert code == 2
-    _assert_one_line_error(err, str(tmp_path / "absent.ckpt"), "not found")
+    one_line_error(err, str(tmp_path / "absent.ckpt"), "not found")
 
     # Usage errors come from argparse: exit 2 with its usage message, no traceback.
-    code, _, err = _run(capsys, "convert", "--checkpoint", release.checkpoint, "--vq", release.vq,
-                        "--qwen", release.qwen_dir, "--out", tmp_path / "out", "--dtype", "int8")
+    code, _, err = run_cli(capsys, "convert", "--checkpoint", release.checkpoint, "--vq", release.vq,
+                           "--qwen", release.qwen_dir, "--out", tmp_path / "out", "--dtype", "int8")
     assert code == 2 and "invalid choice: 'int8'" in err and "Traceback" not in err
-    code, _, err = _run(capsys, "convert", "--vq", release.vq)
+    code, _, err = run_cli(capsys, "convert", "--vq", release.vq)
     assert code == 2 and "the following arguments are required: --checkpoint" in err

@@ -47,7 +47,7 @@ def picture(tmp_path) -> Path:
 def test_generate_writes_pngs_with_text_chunks(model, tmp_path, capsys):
     out = tmp_path / "cat.png"
     code, stdout, err = run_cli(capsys, "generate", "a red circle", "--out", out, "--model", model, "--seed", "5",
-                             "--cfg", "1.5", "--size", "48x32", "--top-k", "7", "--quiet")
+                                "--cfg", "1.5", "--size", "48x32", "--top-k", "7", "--quiet")
     assert code == 0, err
     assert stdout.splitlines() == [str(out)] and err == ""
     with Image.open(out) as im:
@@ -58,8 +58,8 @@ def test_generate_writes_pngs_with_text_chunks(model, tmp_path, capsys):
     assert settings["cfg"] == 1.5 and settings["size"] == "48x32" and settings["top_k"] == 7
     assert settings["model_path"] == str(Path(model).resolve()) and settings["temperature"] == 1.0
 
-    code, stdout, err = run_cli(capsys, "generate", "两个", "--out", tmp_path / "many.png", "--model", model, "--n", "3",
-                             "--seed", "-1")
+    code, stdout, err = run_cli(capsys, "generate", "两个", "--out", tmp_path / "many.png", "--model", model,
+                                "--n", "3", "--seed", "-1")
     assert code == 0, err
     paths = [tmp_path / f"many_{i}.png" for i in range(3)]
     assert stdout.splitlines() == [str(p) for p in paths]
@@ -78,7 +78,7 @@ def test_edit_and_understand(model, picture, tmp_path, capsys):
     assert im.text["instruction"] == "make it red" and meta["source"] == str(picture) and meta["seed"] == 2
 
     code, stdout, err = run_cli(capsys, "understand", picture, "What colour is the background?", "--model", model,
-                             "--max-new-tokens", "5")
+                                "--max-new-tokens", "5")
     assert code == 0, err
     assert stdout.endswith("\n") and stdout.count("\n") >= 1 and err == ""
 
@@ -159,7 +159,8 @@ def test_generate_batch_survives_bad_lines_and_resumes(model, tmp_path, capsys):
         '{"prompt": "again", "id": "red"}',
     )
     out = tmp_path / "out"
-    code, stdout, err = run_cli(capsys, "generate", "--prompts", prompts, "--out", out, "--model", model, "--cfg", "1.5")
+    code, stdout, err = run_cli(capsys, "generate", "--prompts", prompts, "--out", out, "--model", model,
+                                "--cfg", "1.5")
     assert code == 1
     assert "3 done, 0 skipped (already done), 4 failed, of 7 lines" in stdout
     errors = err.strip().splitlines()
@@ -185,7 +186,8 @@ def test_generate_batch_survives_bad_lines_and_resumes(model, tmp_path, capsys):
     stamps = {p.name: p.stat().st_mtime_ns for p in out.glob("*.png")}
 
     # Rerun: finished lines are skipped, untouched.
-    code, stdout, err = run_cli(capsys, "generate", "--prompts", prompts, "--out", out, "--model", model, "--cfg", "1.5")
+    code, stdout, err = run_cli(capsys, "generate", "--prompts", prompts, "--out", out, "--model", model,
+                                "--cfg", "1.5")
     assert code == 1 and "0 done, 3 skipped (already done), 4 failed" in stdout
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.png")} == stamps
 
@@ -194,7 +196,8 @@ def test_generate_batch_survives_bad_lines_and_resumes(model, tmp_path, capsys):
                  '{"prompt": "wrong size", "size": "32x48"}', '', '',
                  '{"prompt": "two of them", "n": 2, "seed": 4, "size": [48, 32]}')
     (out / "00006_1.png").unlink()
-    code, stdout, err = run_cli(capsys, "generate", "--prompts", prompts, "--out", out, "--model", model, "--cfg", "1.5")
+    code, stdout, err = run_cli(capsys, "generate", "--prompts", prompts, "--out", out, "--model", model,
+                                "--cfg", "1.5")
     assert code == 0, err
     assert "2 done, 2 skipped (already done), 0 failed, of 4 lines" in stdout
     assert not (out / "errors.jsonl").exists() and (out / "00006_1.png").is_file()
@@ -249,8 +252,8 @@ def test_edit_and_understand_batches(model, picture, tmp_path, capsys):
 
 def test_eval_on_a_shapes_sized_model(shapes_model, tmp_path, capsys):
     report_path, grid = tmp_path / "report.json", tmp_path / "grid.png"
-    code, stdout, err = run_cli(capsys, "eval", "--model", shapes_model, "--n", "2", "--json", report_path, "--grid", grid,
-                             "--cfg", "1.0", "--top-k", "5", "--temperature", "0.7")
+    code, stdout, err = run_cli(capsys, "eval", "--model", shapes_model, "--n", "2", "--json", report_path,
+                                "--grid", grid, "--cfg", "1.0", "--top-k", "5", "--temperature", "0.7")
     assert code == 0, err
     lines = stdout.splitlines()
     assert lines[0].startswith("model test-tiny-shapes: 2 cases per task, cfg 1, top_k 5, temperature 0.7, seed 0")
@@ -269,7 +272,7 @@ def test_eval_on_a_shapes_sized_model(shapes_model, tmp_path, capsys):
         assert im.format == "PNG" and im.width > 0
 
     code, _, err = run_cli(capsys, "eval", "--model", shapes_model, "--n", "1", "--tasks", "understand",
-                        "--require-bars", "--quiet")
+                           "--require-bars", "--quiet")
     assert code in (0, 1)
     if code == 1:
         one_line_error(err, "quality bars missed: understanding.accuracy")
@@ -279,7 +282,7 @@ def test_eval_says_why_a_model_cannot_be_scored(model, capsys):
     code, stdout, err = run_cli(capsys, "eval", "--model", model, "--n", "1")
     assert code == 2 and stdout == ""
     one_line_error(err, "cannot be scored on shapes-world generation or editing", "64x64, 48x80, 80x48",
-                    "--tasks understand")
+                   "--tasks understand")
     code, stdout, err = run_cli(capsys, "eval", "--model", model, "--n", "2", "--tasks", "understand")
     assert code == 0, err
     assert "understanding.accuracy" in stdout and "generation" not in stdout

@@ -205,7 +205,7 @@ def test_interrupted_transfer_resumes_on_the_next_run(hub, release, tmp_path, ca
     out = tmp_path / "dl"
     hub.cut.add("checkpoint.ckpt")
     code, stdout, err = run_cli(capsys, "download", "--endpoint", hub.url, "--out", out, "--retries", "0",
-                             "--no-convert", "--quiet")
+                                "--no-convert", "--quiet")
     assert code == 1
     one_line_error(err, "checkpoint.ckpt", "interrupted", "run the command again to resume")
     part = out / "sources/wallaroo/checkpoint.ckpt.part"
@@ -224,7 +224,7 @@ def test_interrupted_transfer_resumes_on_the_next_run(hub, release, tmp_path, ca
 def test_interrupted_transfer_resumes_within_one_run(hub, release, tmp_path, capsys):
     hub.cut.add("vq_ds16_t2i.pt")
     code, _, err = run_cli(capsys, "download", "--endpoint", hub.url, "--out", tmp_path / "dl", "--dtype", "fp32",
-                        "--quiet")
+                           "--quiet")
     assert code == 0, err
     size = release.vq.stat().st_size
     assert hub.body_requests("vq_ds16_t2i.pt") == [None, f"bytes={size // 2}-"]
@@ -234,7 +234,8 @@ def test_interrupted_transfer_resumes_within_one_run(hub, release, tmp_path, cap
 def test_server_ignoring_range_restarts_the_file(hub, release, tmp_path, capsys):
     hub.cut.add("checkpoint.ckpt")
     hub.ignore_range = True
-    code, _, err = run_cli(capsys, "download", "--endpoint", hub.url, "--out", tmp_path / "dl", "--no-convert", "--quiet")
+    code, _, err = run_cli(capsys, "download", "--endpoint", hub.url, "--out", tmp_path / "dl", "--no-convert",
+                           "--quiet")
     assert code == 0, err
     got = (tmp_path / "dl/sources/wallaroo/checkpoint.ckpt").read_bytes()
     assert got == release.checkpoint.read_bytes()
@@ -265,7 +266,7 @@ def test_checkpoint_under_another_name_is_found(release, tmp_path, capsys):
     try:
         _serve_release(server, release, checkpoint_name="wallaroo_7b_stage4.ckpt")
         code, stdout, err = run_cli(capsys, "download", "--endpoint", server.url, "--out", tmp_path / "dl",
-                                 "--no-convert", "--quiet")
+                                    "--no-convert", "--quiet")
         assert code == 0, err
         assert "using wallaroo_7b_stage4.ckpt" in stdout
         assert (tmp_path / "dl/sources/wallaroo/wallaroo_7b_stage4.ckpt").is_file()
@@ -287,7 +288,7 @@ def test_unreachable_endpoint(tmp_path, capsys):
     url = server.url
     server.close()  # nothing listens there any more
     code, out, err = run_cli(capsys, "download", "--endpoint", url, "--out", tmp_path / "dl", "--quiet",
-                          "--retries", "0", "--timeout", "5")
+                             "--retries", "0", "--timeout", "5")
     assert code == 1
     one_line_error(err, url, "connection failed")
 

@@ -1,6 +1,8 @@
 """VQ tokenizer: official state-dict layout, quantiser maths, shapes, trainability and low-precision decode."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -203,7 +205,7 @@ def test_cell_local_encoding_gives_a_cell_its_code_from_its_own_pixels_only() ->
     cfg = VQConfig(codebook_size=64, codebook_embed_dim=8, ch=16, ch_mult=(1, 2, 2, 4), num_res_blocks=1,
                    z_channels=64, norm_groups=8, cell_local=True)
     local = VQModel(cfg).eval()
-    glob = VQModel(VQConfig(**{**cfg.__dict__, "cell_local": False})).eval()
+    glob = VQModel(replace(cfg, cell_local=False)).eval()
     glob.load_state_dict(local.state_dict())  # same weights and names: only the encoding differs
     flat = torch.full((1, 3, 32, 48), 0.3)
     busy = flat.clone()
