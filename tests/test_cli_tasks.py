@@ -15,6 +15,7 @@ from PIL import Image
 from helpers import make_model_folder, make_tokenizer_and_config, one_line_error, randomize_, run_cli
 from wallaroo_nodes.engine.model import WallarooModel
 from wallaroo_nodes.engine.weights import save_model
+from wallaroo_nodes.shapes import ATTRIBUTES
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -268,6 +269,12 @@ def test_eval_on_a_shapes_sized_model(shapes_model, tmp_path, capsys):
         "understanding.accuracy", "generation.one_object", "generation.two_objects", "editing.success",
         "understanding.balance", "generation.balance", "editing.balance"}
     assert 0.0 <= report["generation"]["overall"] <= 1.0
+    # Which attribute fails: an image right overall is right on every attribute, so none scores below overall.
+    assert "generation by attribute: background" in table
+    for section, overall in (("generation", "overall"), ("editing", "success")):
+        by_attribute = report[section]["by_attribute"]
+        assert set(by_attribute) == set(ATTRIBUTES)
+        assert min(by_attribute.values()) >= report[section][overall]
     with Image.open(grid) as im:
         assert im.format == "PNG" and im.width > 0
 

@@ -15,8 +15,8 @@ from typing import Callable
 from PIL import Image, ImageDraw
 
 from ..engine.pipeline import Pipeline
-from ..shapes import (CANVAS_SIZES, EDIT_KINDS, LANGS, QA_KINDS, analyse, caption, edit_instruction, edit_kinds,
-                      question_answer, render, scene_from_seed, scene_matches)
+from ..shapes import (ATTRIBUTES, CANVAS_SIZES, EDIT_KINDS, LANGS, QA_KINDS, analyse, caption, compare,
+                      edit_instruction, edit_kinds, question_answer, render, scene_from_seed, scene_matches)
 
 EVAL_SEED_BASE = 1 << 40
 # The bars of the tiny model (issue: a tiny Wallaroo ...), as fractions.
@@ -39,6 +39,11 @@ def _breakdown(rows: list[dict], key: str) -> dict[str, float]:
     for r in rows:
         groups[r[key]].append(r["ok"])
     return {k: _rate(v) for k, v in sorted(groups.items())}
+
+
+def _by_attribute(rows: list[dict]) -> dict[str, float]:
+    """Fraction of images right on each analysed attribute (background, count, shape, colour, ...): what fails."""
+    return {k: _rate([r["checks"][k] for r in rows]) for k in ATTRIBUTES}
 
 
 def _cases(task: str, n: int, offset: int) -> list[dict]:
@@ -107,8 +112,10 @@ def evaluate(pipe: Pipeline, n: int = 200, *, cfg: float | None = None, top_k: i
                 chunk = group[start:start + BATCH]
                 outs = pipe.generate_many([c["prompt"] for c in chunk], size=size, seed=seed + start, **knobs)
                 for c, im in zip(chunk, outs):
-                    ok = scene_matches(c["scene"], analyse(im))
-                    rows.append({"ok": ok, "lang": c["lang"], "size": _size_name(size), "objects": c["objects"]})
+                    checks = compare(c["scene"], analyse(im))
+                    ok = checks["all"]
+                    rows.append({"ok": ok, "lang": c["lang"], "size": _size_name(size), "objects": c["objects"],
+                                 "checks": checks})
                     if len(samples["generation"]) < keep_images:
                         samples["generation"].append((c["prompt"], im, ok))
                 done += len(chunk)
@@ -117,7 +124,7 @@ def evaluate(pipe: Pipeline, n: int = 200, *, cfg: float | None = None, top_k: i
         two = [r for r in rows if r["objects"] == 2]
         report["generation"] = {"one_object": _rate([r["ok"] for r in one]), "two_objects": _rate([r["ok"] for r in two]),
                                 "overall": _rate([r["ok"] for r in rows]), "by_language": _breakdown(rows, "lang"),
-                                "by_size": _breakdown(rows, "size")}
+                                "by_size": _breakdown(rows, "size"), "by_attribute": _by_attribute(rows)}
 
     if "edit" in tasks:
         rows = []
@@ -130,14 +137,17 @@ def evaluate(pipe: Pipeline, n: int = 200, *, cfg: float | None = None, top_k: i
                 sources = [render(c["scene"]) for c in chunk]
                 outs = pipe.edit_many(sources, [c["instruction"] for c in chunk], seed=seed + start, **knobs)
                 for c, src, im in zip(chunk, sources, outs):
-                    ok = scene_matches(c["target"], analyse(im))
-                    rows.append({"ok": ok, "lang": c["lang"], "size": _size_name(size), "kind": c["kind"]})
+                    checks = compare(c["target"], analyse(im))
+                    ok = checks["all"]
+                    rows.append({"ok": ok, "lang": c["lang"], "size": _size_name(size), "kind": c["kind"],
+                                 "checks": checks})
                     if len(samples["editing"]) < keep_images:
                         samples["editing"].append((c["instruction"], src, im, ok))
                 done += len(chunk)
                 say("editing", done, len(cases))
         report["editing"] = {"success": _rate([r["ok"] for r in rows]), "by_language": _breakdown(rows, "lang"),
-                             "by_size": _breakdown(rows, "size"), "by_kind": _breakdown(rows, "kind")}
+                             "by_size": _breakdown(rows, "size"), "by_kind": _breakdown(rows, "kind"),
+                             "by_attribute": _by_attribute(rows)}
 
     report["bars"] = {k: {"bar": v, "value": _get(report, k), "pass": (_get(report, k) or 0) >= v}
                       for k, v in BARS.items() if _get(report, k) is not None}
