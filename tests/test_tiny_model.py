@@ -12,7 +12,7 @@ pytestmark = pytest.mark.skipif("tiny" not in bundled_models(),
                                        "`python -m wallaroo_nodes.train --export wallaroo_nodes/models/tiny`)")
 
 FLOOR_MARGIN = 0.10
-# The bundled model (the recipe's fourth run) is far below the bars (README, "The bundled tiny model").
+# The bundled model (the recipe's fifth run) is far below the bars (README, "The bundled tiny model").
 # Strict: once a retrained model reaches the floors these tests XPASS and fail, so the marker has to go with the fix.
 BELOW_BARS = pytest.mark.xfail(strict=True, reason="bundled tiny model below the issue's bars; a better recipe "
                                                    "is open work (issue #3)")
@@ -31,10 +31,18 @@ def report(pipe):
 
 
 def test_understanding_beats_chance_on_every_breakdown(report):
-    # What the bundled run does reach (0.565 on 200 cases, 0.60 on these 50): background always, count mostly.
+    # What the bundled run does reach (0.575 on 200 cases, 0.60 on these 50): background always, count mostly.
     und = report["understanding"]
     assert und["by_kind"]["background"] >= 0.9
     assert und["accuracy"] >= 0.45 and min(und["by_language"].values()) >= 0.4
+
+
+def test_generation_lays_out_the_scene_it_is_asked_for(report):
+    # Generated images do get the background, the number of objects and their places right (0.99 / 0.96 /
+    # 0.92 on these 50 + 50 prompts); the objects' colour and shape are what the bundled run has not learnt.
+    by_attribute = report["generation"]["by_attribute"]
+    assert by_attribute["background"] >= 0.9
+    assert by_attribute["count"] >= 0.8 and by_attribute["position"] >= 0.8
 
 
 @pytest.fixture(scope="module")
