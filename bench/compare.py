@@ -9,6 +9,8 @@ For each task (generate with CFG, generate without CFG, edit, understand) every 
 
   ours           wallaroo_nodes.engine.decode (static KV cache, heads on the last position, batched CFG)
   ours-compiled  the same loop with its decode step through torch.compile (CUDA graphs on GPU): --compile
+  ours-torch-step  the same loop with the PyTorch decode step where "ours" uses the native C step
+                 (wallaroo_nodes/engine/native.py): --kernel both
   transformers   Qwen2_5_VLForConditionalGeneration sharing our tensors, called per position the way the
                  reference calls it (DynamicCache, output_hidden_states=True): bench/hf_baseline.py
 
@@ -43,6 +45,8 @@ import torch
 
 from wallaroo_nodes import bench as engine_bench
 from wallaroo_nodes.engine import decode as decode_module
+from wallaroo_nodes.engine import native
+from wallaroo_nodes.engine.step import decode_weights
 from wallaroo_nodes.engine import images
 from wallaroo_nodes.engine import pipeline as pipeline_module
 from wallaroo_nodes.engine.attention import BACKENDS
@@ -110,6 +114,10 @@ class Ours(Engine):
 
 class OursCompiled(Engine):
     name = "ours-compiled"
+
+
+class OursTorchStep(Engine):
+    name = "ours-torch-step"
 
 
 class Transformers(Engine):
@@ -416,6 +424,9 @@ def main(argv: list[str] | None = None) -> int:
                          "default) or median")
     ap.add_argument("--compile", choices=("off", "on", "both"), default="off",
                     help="ours through the compiled decode step: off, on (instead of plain), both (default off)")
+    ap.add_argument("--kernel", choices=("auto", "native", "torch", "both"), default="auto",
+                    help="ours' eager decode step: auto (native C step where it applies, the default), native, "
+                         "torch, or both (ours = native, plus ours-torch-step)")
     ap.add_argument("--compile-mode", help="torch.compile mode (default: reduce-overhead on CUDA, default on CPU)")
     ap.add_argument("--steps", type=int, help="cap our image decodes at about this many steps (whole rows)")
     ap.add_argument("--baseline-steps", type=int,
@@ -476,7 +487,13 @@ def main(argv: list[str] | None = None) -> int:
 
     engines: list[Engine] = []
     if args.compile in ("off", "both"):
-        engines.append(Ours(plain))
+        kernel = "native" if args.kernel == "both" else args.kernel
+        try:
+            engines.append(Ours(plain if kernel == "auto" else Pipeline(model, tok, kernel=kernel)))
+        except native.NativeKernelError as exc:
+            ap.error(str(exc))
+        if args.kernel == "both":
+            engines.append(OursTorchStep(Pipeline(model, tok, kernel="torch")))
     if args.compile in ("on", "both"):
         engines.append(OursCompiled(Pipeline(model, tok, compile=True, compile_mode=args.compile_mode)))
     if baseline_note is None and not args.no_baseline:
@@ -498,6 +515,12 @@ def main(argv: list[str] | None = None) -> int:
         versions += f", transformers {transformers.__version__}"
     print(f"model: {what}; {params / 1e6:.1f}M parameters; {model.dtype} on {device} ({where}); "
           f"attention {model.attention_backend}; load {load_s:.2f} s; {versions}")
+    why_not = native.applies(decode_weights(model), 2 * args.n)
+    if why_not is None and not native.available():
+        why_not = "it does not build or run here"
+    print(f"ours' eager decode step (--kernel {args.kernel}): " + (
+        "native C where it applies" if args.kernel in ("auto", "native", "both") and why_not is None
+        else "PyTorch" + (f" (native not used: {why_not})" if args.kernel != "torch" and why_not else "")))
     print(f"llm: hidden {c.llm.hidden_size}, {c.llm.num_layers} layers, vocab {c.llm.vocab_size}; "
           f"size {size[0]}x{size[1]} ({size[0] // c.vq.downsample}x{size[1] // c.vq.downsample} codes); "
           f"cfg {cfg}; answer {args.new_tokens} tokens; {args.stat} of {args.repeats} runs, {args.clock} clock; "

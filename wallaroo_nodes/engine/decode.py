@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 
+from . import native
 from .kv_cache import KVCache
 from .model import WallarooModel
 from .sampling import SamplingParams, guide, sample
@@ -81,10 +82,16 @@ class _EagerSteps:
 
 
 def _steps(model: WallarooModel, weights: DecodeWeights, batch: int, max_len: int,
-           compiled: CompiledDecoder | None):
-    if compiled is None:
-        return _EagerSteps(model, weights, batch, max_len)
-    return compiled.steps(model, weights, batch, max_len)
+           compiled: CompiledDecoder | None, kernel: str = "auto"):
+    if compiled is not None:
+        return compiled.steps(model, weights, batch, max_len)
+    if kernel != "torch":
+        reason = native.applies(weights, batch)
+        if reason is None and (kernel == "native" or native.available()):
+            return native.NativeSteps(native.native_llm(weights), _new_cache(model, batch, max_len), batch, max_len)
+        if kernel == "native":
+            raise native.NativeKernelError(f"kernel='native' cannot decode this: {reason}")
+    return _EagerSteps(model, weights, batch, max_len)
 
 
 def _next_positions(prep: PreparedBatch) -> torch.Tensor:
@@ -96,7 +103,7 @@ def _next_positions(prep: PreparedBatch) -> torch.Tensor:
 def decode_image_codes(model: WallarooModel, prep: PreparedBatch, *, rows: int, cols: int, kind: str,
                        cfg_scale: float, params: SamplingParams, generator: torch.Generator | None,
                        on_row: RowCallback | None = None, should_cancel: CancelCheck | None = None,
-                       compiled: CompiledDecoder | None = None) -> torch.Tensor:
+                       compiled: CompiledDecoder | None = None, kernel: str = "auto") -> torch.Tensor:
     """Sample a rows x cols grid of VQ codes for each conditional row.
 
     With guidance (cfg_scale != 1) the batch holds n conditional rows then n unconditional rows; otherwise
@@ -120,7 +127,7 @@ def decode_image_codes(model: WallarooModel, prep: PreparedBatch, *, rows: int, 
     groups = total // n  # the code of conditional row i is fed to row i of each group (CFG: both branches)
     one_code, two_code = one[:, 0].unflatten(0, (groups, n)), two[:, 0].unflatten(0, (groups, n))
     codes = torch.empty(n, rows, cols, dtype=torch.long, device=device)
-    steps = _steps(model, weights, total, prompt_len + fed, compiled)
+    steps = _steps(model, weights, total, prompt_len + fed, compiled, kernel)
 
     try:
         hidden = steps.prefill(model, prep)
@@ -155,7 +162,8 @@ def decode_image_codes(model: WallarooModel, prep: PreparedBatch, *, rows: int, 
 @torch.inference_mode()
 def decode_text(model: WallarooModel, prep: PreparedBatch, *, max_new_tokens: int, params: SamplingParams,
                 generator: torch.Generator | None, stop_ids: set[int],
-                should_cancel: CancelCheck | None = None, compiled: CompiledDecoder | None = None) -> Iterator[int]:
+                should_cancel: CancelCheck | None = None, compiled: CompiledDecoder | None = None,
+                kernel: str = "auto") -> Iterator[int]:
     """Yield answer token ids of a one-row prompt until a stop id (not yielded) or max_new_tokens."""
     if prep.embeds.shape[0] != 1:
         raise ValueError("decode_text answers one prompt at a time")
@@ -165,7 +173,7 @@ def decode_text(model: WallarooModel, prep: PreparedBatch, *, max_new_tokens: in
     cos, sin = model.text_rope(_next_positions(prep), max(fed, 1))  # sin: signed (see text_rope)
     one = torch.empty(1, 1, dim, dtype=model.dtype, device=prep.embeds.device)
     table = model.model.embed_tokens.weight
-    steps = _steps(model, weights, 1, prompt_len + fed, compiled)
+    steps = _steps(model, weights, 1, prompt_len + fed, compiled, kernel)
     try:
         hidden = steps.prefill(model, prep)
         for i in range(max_new_tokens):

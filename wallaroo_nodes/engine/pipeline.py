@@ -11,7 +11,7 @@ from typing import Callable, Iterator
 import torch
 from PIL import Image
 
-from . import images
+from . import images, native
 from .config import WallarooConfig
 from .decode import CancelCheck, Cancelled, PreparedBatch, decode_image_codes, decode_text
 from .model import WallarooModel
@@ -55,12 +55,15 @@ class Pipeline:
     """Understand, generate and edit with one Wallaroo model."""
 
     def __init__(self, model: WallarooModel, tokenizer: TextTokenizer, *, compile: bool | str = False,
-                 compile_mode: str | None = None):
+                 compile_mode: str | None = None, kernel: str = "auto"):
         """`compile`: False (default) decodes eagerly; True routes decode steps through torch.compile (CUDA
         graphs on GPU, see `compiled.py`); "auto" does so on CUDA only. `compile_mode` overrides the
-        torch.compile mode (default: reduce-overhead on CUDA, default on CPU)."""
+        torch.compile mode (default: reduce-overhead on CUDA, default on CPU). `kernel` picks the eager decode
+        step: "auto" (the native C step for fp32 CPU models where it builds, else PyTorch), "native", "torch"
+        (see `native.py`)."""
         self.model = model
         self.tokenizer = tokenizer
+        self.kernel = native.check_kernel(kernel)
         if compile not in (False, True, "auto"):
             raise ValueError(f"compile must be False, True or 'auto', got {compile!r}")
         use = compile is True or (compile == "auto" and model.device.type == "cuda")
@@ -139,8 +142,11 @@ class Pipeline:
         return self._decode_codes(codes)
 
     def _decode_options(self) -> dict:
-        # Only pass `compiled` when set, so wrappers of the decode functions with the old signature still work.
-        return {} if self._compiled is None else {"compiled": self._compiled}
+        # Only pass `compiled` / `kernel` when set, so wrappers of the decode functions with the old signature still work.
+        options = {} if self._compiled is None else {"compiled": self._compiled}
+        if self.kernel != "auto":
+            options["kernel"] = self.kernel
+        return options
 
     def _params(self, kind: str, temperature: float | None, top_k: int | None, top_p: float | None) -> SamplingParams:
         d = self.config.sampling
