@@ -108,9 +108,6 @@ class VQConfig:
     # Encode each ds x ds cell on its own (the decoder still sees the whole grid). Off for LlamaGen's
     # checkpoints; the tiny model uses it so a flat cell always gets the same code, whatever is around it.
     cell_local: bool = False
-    # Decode each code to its cell on its own too, so that every code alone must carry its cell's colours (with
-    # the whole grid in the decoder's view an edge code can leave the object's colour to its neighbours).
-    cell_local_decoder: bool = False
 
     @property
     def downsample(self) -> int:

@@ -235,13 +235,7 @@ class VQModel(nn.Module):
 
     def decode_features(self, z_q: torch.Tensor) -> torch.Tensor:
         """Quantised latents [B, C, h, w] -> images [B, 3, h*ds, w*ds], roughly in [-1, 1] (not clamped)."""
-        if not self.cfg.cell_local_decoder:
-            return self.decoder(self.post_quant_conv(z_q))
-        b, c, h, w = z_q.shape
-        ds = self.downsample
-        # [B, C, h, w] -> [B*h*w, C, 1, 1]: every code becomes its own one-cell image, then back in place.
-        cells = self.decoder(self.post_quant_conv(z_q.permute(0, 2, 3, 1).reshape(b * h * w, c, 1, 1)))
-        return cells.reshape(b, h, w, 3, ds, ds).permute(0, 3, 1, 4, 2, 5).reshape(b, 3, h * ds, w * ds)
+        return self.decoder(self.post_quant_conv(z_q))
 
     def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
         """Codes [B, h, w] -> images [B, 3, h*ds, w*ds], roughly in [-1, 1] (not clamped)."""
