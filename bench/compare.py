@@ -472,7 +472,7 @@ def main(argv: list[str] | None = None) -> int:
     device = model.device
     _sync(device)
     load_s = time.perf_counter() - t
-    plain = Pipeline(model, tok)
+    plain = Pipeline(model, tok, kernel="auto")  # explicit: $WALLAROO_DECODE_KERNEL must not change the engines
     try:
         size = images.check_size(args.size, plain.sizes) if args.size else tuple(plain.config.protocol.default_size)
     except ValueError as exc:

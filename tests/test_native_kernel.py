@@ -108,10 +108,19 @@ def test_tiny_model_edits_and_answers_the_same(tiny):
         assert answer and answer == plain.understand(source, question)
 
 
-def test_kernel_choice_is_checked(random_model, tmp_path):
+def test_kernel_choice_is_checked(random_model, tmp_path, monkeypatch):
     tok_path, cfg = make_tokenizer_and_config(tmp_path)
+    tok = TextTokenizer(tok_path, cfg.tokens)
     with pytest.raises(ValueError, match="kernel must be one of auto, native, torch"):
-        Pipeline(random_model, TextTokenizer(tok_path, cfg.tokens), kernel="fast")
+        Pipeline(random_model, tok, kernel="fast")
+    monkeypatch.delenv(native.KERNEL_ENV, raising=False)
+    assert Pipeline(random_model, tok).kernel == "auto"
+    monkeypatch.setenv(native.KERNEL_ENV, "torch")  # the front doors' default, e.g. to rule the native step out
+    assert Pipeline(random_model, tok).kernel == "torch"
+    assert Pipeline(random_model, tok, kernel="auto").kernel == "auto"  # an explicit choice wins
+    monkeypatch.setenv(native.KERNEL_ENV, "gpu")
+    with pytest.raises(ValueError, match="WALLAROO_DECODE_KERNEL must be one of auto, native, torch; got 'gpu'"):
+        Pipeline(random_model, tok)
 
 
 @needs_native

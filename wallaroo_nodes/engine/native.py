@@ -6,7 +6,8 @@ rows, which BLAS runs far below what the core can stream. The C step does the sa
 (see the C file). Results equal the PyTorch step's to fp32 rounding (additions run in another order).
 
 `kernel` choices, as the pipeline and decode loops take them: "auto" (native where it applies and builds,
-else PyTorch), "native" (required: a clear error where it cannot run), "torch" (always PyTorch).
+else PyTorch), "native" (required: a clear error where it cannot run), "torch" (always PyTorch). A Pipeline
+made without one (every front door) takes $WALLAROO_DECODE_KERNEL, else "auto".
 The shared library is cached under $WALLAROO_CACHE (default ~/.cache/wallaroo) by a hash of the source and
 flags, so a process builds it at most once per machine (about a second).
 """
@@ -103,8 +104,16 @@ def available() -> bool:
         return False
 
 
-def check_kernel(kernel: str) -> str:
-    """Validate a kernel choice; 'native' fails here, early, when it cannot run."""
+KERNEL_ENV = "WALLAROO_DECODE_KERNEL"  # the default for every front door (ComfyUI, SDK, CLI, demo): auto if unset
+
+
+def check_kernel(kernel: str | None) -> str:
+    """Validate a kernel choice (None: $WALLAROO_DECODE_KERNEL or auto); 'native' fails here, early, when it
+    cannot run."""
+    if kernel is None:
+        kernel = os.environ.get(KERNEL_ENV) or "auto"
+        if kernel not in KERNELS:
+            raise ValueError(f"{KERNEL_ENV} must be one of {', '.join(KERNELS)}; got {kernel!r}")
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {', '.join(KERNELS)}; got {kernel!r}")
     if kernel == "native":

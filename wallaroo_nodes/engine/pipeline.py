@@ -55,12 +55,12 @@ class Pipeline:
     """Understand, generate and edit with one Wallaroo model."""
 
     def __init__(self, model: WallarooModel, tokenizer: TextTokenizer, *, compile: bool | str = False,
-                 compile_mode: str | None = None, kernel: str = "auto"):
+                 compile_mode: str | None = None, kernel: str | None = None):
         """`compile`: False (default) decodes eagerly; True routes decode steps through torch.compile (CUDA
         graphs on GPU, see `compiled.py`); "auto" does so on CUDA only. `compile_mode` overrides the
         torch.compile mode (default: reduce-overhead on CUDA, default on CPU). `kernel` picks the eager decode
         step: "auto" (the native C step for fp32 CPU models where it builds, else PyTorch), "native", "torch"
-        (see `native.py`)."""
+        (see `native.py`); None takes $WALLAROO_DECODE_KERNEL, else "auto"."""
         self.model = model
         self.tokenizer = tokenizer
         self.kernel = native.check_kernel(kernel)
