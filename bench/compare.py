@@ -515,9 +515,7 @@ def main(argv: list[str] | None = None) -> int:
         versions += f", transformers {transformers.__version__}"
     print(f"model: {what}; {params / 1e6:.1f}M parameters; {model.dtype} on {device} ({where}); "
           f"attention {model.attention_backend}; load {load_s:.2f} s; {versions}")
-    why_not = native.applies(decode_weights(model), 2 * args.n)
-    if why_not is None and not native.available():
-        why_not = "it does not build or run here"
+    why_not = native.unavailable_reason(decode_weights(model), 2 * args.n)
     print(f"ours' eager decode step (--kernel {args.kernel}): " + (
         "native C where it applies" if args.kernel in ("auto", "native", "both") and why_not is None
         else "PyTorch" + (f" (native not used: {why_not})" if args.kernel != "torch" and why_not else "")))

@@ -22,7 +22,7 @@ import torch
 
 from helpers import make_tokenizer_and_config, randomize_
 from wallaroo_nodes.engine import native
-from wallaroo_nodes.engine.decode import PreparedBatch, _new_cache, _prefill
+from wallaroo_nodes.engine.decode import PreparedBatch, _NativeSteps, _new_cache, _prefill
 from wallaroo_nodes.engine.model import WallarooModel
 from wallaroo_nodes.engine.pipeline import Pipeline
 from wallaroo_nodes.engine.step import decode_weights, forward_step
@@ -66,10 +66,10 @@ def test_step_equals_torch_step(random_model, batch):
     valid[-1, :3] = False  # the last row is left-padded
     prep = PreparedBatch(torch.randn(batch, prompt_len, dim, generator=g),
                          torch.arange(prompt_len).expand(3, batch, prompt_len).clone(), valid)
-    caches = [_new_cache(model, batch, prompt_len + 8) for _ in range(2)]
-    for cache in caches:
-        _prefill(model, prep, cache)
-    steps = native.NativeSteps(native.native_llm(w), caches[1], batch, prompt_len + 8)
+    steps = _NativeSteps(model, w, batch, prompt_len + 8)
+    caches = [_new_cache(model, batch, prompt_len + 8), steps.cache]
+    _prefill(model, prep, caches[0])
+    steps.prefill(model, prep)
     cos, sin = model.text_rope(torch.full((batch,), prompt_len), 8)
     t = 0
     for n in (1, 2, 1, 2, 1):

@@ -81,14 +81,30 @@ class _EagerSteps:
         pass
 
 
+class _NativeSteps(_EagerSteps):
+    """Decode steps through the native C step (`native.py`) over the same per-run KVCache and prefill."""
+
+    def __init__(self, model: WallarooModel, weights: DecodeWeights, batch: int, max_len: int):
+        super().__init__(model, weights, batch, max_len)
+        self.run = native.NativeRun(native.native_llm(weights), self.cache, batch, max_len)
+
+    def step(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        n = x.shape[1]
+        start = self.cache.length
+        self.cache.reserve(n)
+        hidden = self.run.step(x, cos, sin, start)
+        self.cache.advance(n)
+        return hidden
+
+
 def _steps(model: WallarooModel, weights: DecodeWeights, batch: int, max_len: int,
            compiled: CompiledDecoder | None, kernel: str = "auto"):
     if compiled is not None:
         return compiled.steps(model, weights, batch, max_len)
     if kernel != "torch":
-        reason = native.applies(weights, batch)
-        if reason is None and (kernel == "native" or native.available()):
-            return native.NativeSteps(native.native_llm(weights), _new_cache(model, batch, max_len), batch, max_len)
+        reason = native.unavailable_reason(weights, batch)
+        if reason is None:
+            return _NativeSteps(model, weights, batch, max_len)
         if kernel == "native":
             raise native.NativeKernelError(f"kernel='native' cannot decode this: {reason}")
     return _EagerSteps(model, weights, batch, max_len)

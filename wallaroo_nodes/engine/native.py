@@ -186,6 +186,17 @@ def applies(weights, batch: int, n_max: int = 2) -> str | None:
     return None
 
 
+def unavailable_reason(weights, batch: int) -> str | None:
+    """Why the native step cannot decode this batch here: the model, the batch or the build (None: it can)."""
+    reason = applies(weights, batch)
+    if reason is None:
+        try:
+            library()
+        except NativeKernelError as err:
+            reason = str(err)
+    return reason
+
+
 def native_llm(weights) -> NativeLLM:
     """The NativeLLM of a DecodeWeights, built once (DecodeWeights itself is rebuilt when weights change)."""
     built = getattr(weights, "_native_llm", None)
@@ -195,39 +206,28 @@ def native_llm(weights) -> NativeLLM:
     return built
 
 
-class NativeSteps:
-    """Decode steps through the C step over a per-run KVCache (the `decode._EagerSteps` interface)."""
+class NativeRun:
+    """One decode run's buffers for the C step: the KV cache's pointers, scratch memory and the output rows.
+    The caller (`decode._NativeSteps`) keeps the cache's length, as every step kind does."""
 
     def __init__(self, llm: NativeLLM, cache, batch: int, max_len: int):
-        self.llm, self.cache = llm, cache
         if cache.k[0].dtype != torch.float32 or not cache.k[0].is_contiguous():
             raise NativeKernelError("the native step needs a contiguous float32 KV cache")
+        self.llm, self._valid, self._max_len = llm, cache.valid, max_len
         self._k = (ctypes.c_void_p * len(cache.k))(*[t.data_ptr() for t in cache.k])
         self._v = (ctypes.c_void_p * len(cache.v))(*[t.data_ptr() for t in cache.v])
         self._scratch = torch.empty(llm.scratch_floats(batch * 2, max_len), dtype=torch.float32)
         self._out = torch.empty(batch, llm.dim, dtype=torch.float32)
-        self._batch, self._max_len = batch, max_len
         self._model = ctypes.byref(llm.struct)
 
-    def prefill(self, model, prep) -> torch.Tensor:
-        from .decode import _prefill  # late: decode imports this module
-
-        return _prefill(model, prep, self.cache)
-
-    def step(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Feed x (B, n, D) at the next n positions (rotary cos / signed sin (B, n, hd)); last hidden (B, D)."""
+    def step(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int) -> torch.Tensor:
+        """Feed x (B, n, D) at positions start.. (rotary cos / signed sin (B, n, hd)); last hidden (B, D)."""
         b, n, _ = x.shape
         if not x.is_contiguous() or cos.stride(2) != 1 or cos.stride(1) != cos.shape[2] or cos.stride() != sin.stride():
             raise NativeKernelError("the native step needs contiguous inputs and rotary rows")
-        start = self.cache.length
-        self.cache.reserve(n)
         rc = self.llm.lib.wl_step(self._model, x.data_ptr(), b, n, cos.data_ptr(), sin.data_ptr(), cos.stride(0),
-                                  self._k, self._v, self.cache.valid.data_ptr(), start, self._max_len,
+                                  self._k, self._v, self._valid.data_ptr(), start, self._max_len,
                                   self._scratch.data_ptr(), self._out.data_ptr())
         if rc != 0:
             raise NativeKernelError(f"the native step rejected a batch of {b} x {n} positions at {start}")
-        self.cache.advance(n)
         return self._out
-
-    def close(self) -> None:
-        pass
