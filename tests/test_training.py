@@ -11,7 +11,7 @@ from wallaroo_nodes.engine.model import WallarooModel
 from wallaroo_nodes.engine.text import TextTokenizer
 from wallaroo_nodes.engine.weights import load_model
 from wallaroo_nodes.train.data import collate, make_example
-from wallaroo_nodes.train.recipe import (TrainingModel, default_stages, main, tiny_model_config,
+from wallaroo_nodes.train.recipe import (TrainingModel, default_stages, main, step_context, tiny_model_config,
                                          trainable_parameters)
 from wallaroo_nodes.train.tokenizer import train_tokenizer
 from wallaroo_nodes.engine.config import ProtocolConfig
@@ -63,6 +63,26 @@ def test_each_stage_lowers_its_loss(setup, index):
         assert not any(p.requires_grad for p in model.model.layers.parameters())
         assert not any(p.requires_grad for p in model.visual.parameters())
         assert all(p.requires_grad for p in model.gen_image_head.parameters())
+
+
+@pytest.mark.parametrize("task", ["generate", "edit", "understand"])
+def test_bf16_training_step_computes_the_fp32_loss(setup, task):
+    # The stages autocast to bf16 where the CPU has native bf16; the frozen VQ must still pick the same target
+    # codes (in bf16 its nearest-code distances tie and flip, and the image loss went from 0.2 to 30).
+    tok, cfg = setup
+    torch.manual_seed(3)
+    model = WallarooModel(cfg)
+    trainer = TrainingModel(model).train()
+    batch = collate([make_example(task, random.Random(i), tok, cfg, [(64, 64)], uncond_prob=0.0) for i in range(4)],
+                    cfg)
+    with step_context(torch.device("cpu"), torch.float32):
+        full, full_parts = trainer(batch)
+    with step_context(torch.device("cpu"), torch.bfloat16):
+        half, half_parts = trainer(batch)
+    assert half_parts.keys() == full_parts.keys()
+    assert half.item() == pytest.approx(full.item(), rel=0.03), (half_parts, full_parts)
+    half.backward()
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
 
 
 def test_multi_turn_understanding_trains_on_every_answer_and_nothing_else(setup):

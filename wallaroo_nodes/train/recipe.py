@@ -7,6 +7,7 @@ resumes from the last checkpoint. Under `torchrun --nproc-per-node N` the same s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -20,6 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 
 from ..engine.config import LLMConfig, ProtocolConfig, SamplingDefaults, VisionConfig, VQConfig, WallarooConfig
@@ -130,12 +132,12 @@ class TrainingModel(nn.Module):
             feats = m.visual(batch.vision_patches.to(dev), batch.vision_grids.to(dev))
             flat = flat.index_copy(0, batch.vision_index.to(dev), feats.to(flat.dtype))
         if batch.pixel_index is not None:
-            with torch.no_grad():
+            with torch.no_grad(), _full_precision(dev):
                 z = m.vq.encode_features(batch.pixel_sources.to(dev))
             flat = flat.index_copy(0, batch.pixel_index.to(dev), m.pixel_adapter(z.flatten(0, 2)))
         codes = None
         if batch.code_input_index is not None:
-            with torch.no_grad():
+            with torch.no_grad(), _full_precision(dev):
                 codes = m.vq.encode(batch.target_images.to(dev)).flatten()
             fed = m.input_adapter(kind)(m.vq.codebook_entries(codes))
             flat = flat.index_copy(0, batch.code_input_index.to(dev), fed)
@@ -153,6 +155,38 @@ class TrainingModel(nn.Module):
             loss = loss + image_loss
             parts["image"] = image_loss.item()
         return loss, parts
+
+
+def training_precision(device: torch.device) -> torch.dtype:
+    """bfloat16 autocast where the hardware does bf16 matmuls natively (CUDA, AVX512-BF16/AMX CPUs), else fp32.
+
+    On a 2-core AVX512-BF16 EPYC a stage step runs 1.6x faster (weights, optimiser and losses stay fp32);
+    elsewhere bf16 would be emulated and slower, so those machines train in fp32 as before.
+    """
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    supported = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return torch.bfloat16 if supported is not None and supported() else torch.float32
+
+
+@contextlib.contextmanager
+def step_context(device: torch.device, dtype: torch.dtype):
+    """Autocast to `dtype` for one training forward; on CPU also the math attention kernel.
+
+    PyTorch's CPU flash-attention backward took a fifth of a step at these sizes (27 ms a layer for
+    32 x 131 tokens); the plain matmul-softmax path is faster here and its memory cost is small.
+    """
+    with contextlib.ExitStack() as stack:
+        if dtype != torch.float32:
+            stack.enter_context(torch.autocast(device.type, dtype=dtype))
+        if device.type == "cpu":
+            stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+        yield
+
+
+def _full_precision(device: torch.device) -> torch.autocast:
+    # The frozen VQ picks nearest codes: in bf16 the distances tie and flip, and the targets turn to noise.
+    return torch.autocast(device.type, enabled=False)
 
 
 def trainable_parameters(model: WallarooModel, mode: str) -> list[nn.Parameter]:
@@ -276,8 +310,11 @@ def _restart_dead_codes(vq: VQModel, x: torch.Tensor, usage: torch.Tensor, rng: 
 
 def run_stage(index: int, stage: Stage, model: WallarooModel, tok: TextTokenizer, out: Path, seed: int,
               device: torch.device, rank: int, world: int, log=print,
-              before_step: Callable[[], None] | None = None) -> None:
-    """Train one stage from its checkpoint (if any) to the end, checkpointing every couple of minutes."""
+              before_step: Callable[[], None] | None = None, precision: torch.dtype | None = None) -> None:
+    """Train one stage from its checkpoint (if any) to the end, checkpointing every couple of minutes.
+
+    `precision` is the autocast dtype (None: `training_precision(device)`).
+    """
     ckpt = out / f"stage{index}.pt"
     done_marker = out / f"stage{index}.done"
     if done_marker.exists():
@@ -295,6 +332,7 @@ def run_stage(index: int, stage: Stage, model: WallarooModel, tok: TextTokenizer
         trainer = nn.parallel.DistributedDataParallel(trainer, find_unused_parameters=True)
     model.train()
     model.vq.eval()
+    precision = training_precision(device) if precision is None else precision
     tasks, weights = zip(*stage.tasks.items())
     bar = tqdm(range(start, stage.steps), desc=f"stage {stage.name}", initial=start, total=stage.steps,
                disable=rank != 0, mininterval=5)
@@ -311,7 +349,8 @@ def run_stage(index: int, stage: Stage, model: WallarooModel, tok: TextTokenizer
                          for _ in range(per_rank)], model.cfg)
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, stage.steps, stage.lr)
-        loss, parts = trainer(batch)
+        with step_context(device, precision):
+            loss, parts = trainer(batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -324,7 +363,8 @@ def run_stage(index: int, stage: Stage, model: WallarooModel, tok: TextTokenizer
             last_save = time.time()
             torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step + 1}, ckpt)
             log(json.dumps({"stage": stage.name, "step": step + 1, **{k: round(v, 4) for k, v in ema.items()},
-                            "samples_per_s": round(seen / (time.time() - t0), 1)}))
+                            "samples_per_s": round(seen / (time.time() - t0), 1),
+                            "precision": str(precision).removeprefix("torch.")}))
     if rank == 0:
         torch.save({"model": model.state_dict()}, out / "latest_model.pt")
         done_marker.write_text(json.dumps({"seconds": time.time() - t0}))
@@ -420,6 +460,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="VQ steps trained as a plain autoencoder before quantising")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
+    parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                        help="autocast dtype of the stages (auto: bf16 where the hardware has native bf16)")
     parser.add_argument("--batch-size", type=int, default=0, help="override every stage's batch size (0 = recipe's)")
     args = parser.parse_args(argv)
     if args.threads:
@@ -456,8 +498,9 @@ def main(argv: list[str] | None = None) -> int:
         if not side.is_alive() and torch.get_num_threads() != threads:
             torch.set_num_threads(threads)
 
+    precision = {"auto": training_precision(device), "bf16": torch.bfloat16, "fp32": torch.float32}[args.precision]
     run_stage(0, stages[0], model, tok, args.out, args.seed, device, rank, world, log,
-              before_step=take_back_threads if side is not None else None)
+              before_step=take_back_threads if side is not None else None, precision=precision)
     if side is not None:
         side.join()
         torch.set_num_threads(threads)
@@ -470,7 +513,7 @@ def main(argv: list[str] | None = None) -> int:
     if rank == 0 and not (args.out / "stage1.done").exists():
         log_vq_quality(model.vq, log)
     for i, stage in enumerate(stages[1:], start=1):
-        run_stage(i, stage, model, tok, args.out, args.seed, device, rank, world, log)
+        run_stage(i, stage, model, tok, args.out, args.seed, device, rank, world, log, precision=precision)
     if rank == 0:
         log(json.dumps({"event": "finished", "seconds_this_run": round(time.time() - t0, 1)}))
         if args.export:
