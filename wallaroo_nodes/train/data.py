@@ -37,15 +37,17 @@ class Example:
 
 
 def make_example(task: str, rng: random.Random, tok: TextTokenizer, cfg: WallarooConfig,
-                 canvases: list[tuple[int, int]], uncond_prob: float = 0.1, qa_turns: int = 1) -> Example:
+                 canvases: list[tuple[int, int]], uncond_prob: float = 0.1, qa_turns: int = 1,
+                 n_objects: int | None = None) -> Example:
     """A random example of a task on one of the given canvases; prompts are dropped for CFG with uncond_prob.
 
+    `n_objects` fixes the scene's object count (1 or 2); None draws it.
     Understanding examples ask `qa_turns` questions about the image in one chat: every answer is a training
     target for the price of one pass through the vision tower.
     """
     canvas = rng.choice(canvases)
     lang = rng.choice(LANGS)
-    scene = random_scene(rng, canvas=canvas)
+    scene = random_scene(rng, canvas=canvas, n_objects=n_objects)
     if task == "understand":
         question, answer = question_answer(scene, lang, rng)
         image = render(scene)
