@@ -11,8 +11,8 @@ from wallaroo_nodes.engine.model import WallarooModel
 from wallaroo_nodes.engine.text import TextTokenizer
 from wallaroo_nodes.engine.weights import load_model
 from wallaroo_nodes.train.data import collate, make_example
-from wallaroo_nodes.train.recipe import (TrainingModel, default_stages, main, step_context, tiny_model_config,
-                                         trainable_parameters)
+from wallaroo_nodes.train.recipe import (Stage, TrainingModel, copy_generation_into_edit, default_stages, main,
+                                         run_stage, step_context, tiny_model_config, trainable_parameters)
 from wallaroo_nodes.train.tokenizer import train_tokenizer
 from wallaroo_nodes.engine.config import ProtocolConfig
 from wallaroo_nodes.shapes import CANVAS_SIZES
@@ -83,6 +83,27 @@ def test_bf16_training_step_computes_the_fp32_loss(setup, task):
     assert half.item() == pytest.approx(full.item(), rel=0.03), (half_parts, full_parts)
     half.backward()
     assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_editing_starts_from_generation_weights_once_and_a_resume_keeps_its_own(setup, tmp_path):
+    tok, cfg = setup
+    torch.manual_seed(5)
+    model = WallarooModel(cfg)
+    assert not torch.equal(model.edit_image_head[0].weight, model.gen_image_head[0].weight)
+    copy_generation_into_edit(model)
+    for edit, gen in ((model.edit_image_head, model.gen_image_head), (model.edit_input_adapter, model.gen_input_adapter),
+                      (model.pixel_adapter, model.gen_input_adapter)):
+        assert all(torch.equal(a, b) for a, b in zip(edit.state_dict().values(), gen.state_dict().values()))
+    # A stage resumed from its checkpoint must keep the edit weights it trained, not copy generation's again.
+    stage = Stage("4-unified-finetune", 3, 5e-4, {"edit": 1.0}, [(64, 64)], batch_size=2, edit_from_generation=True)
+    with torch.no_grad():
+        model.edit_image_head[0].weight.add_(1.0)
+    trained = model.edit_image_head[0].weight.clone()
+    opt = torch.optim.AdamW(trainable_parameters(model, "all"), lr=1e-3)
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": 3}, tmp_path / "stage4.pt")
+    run_stage(4, stage, model, tok, tmp_path, 0, torch.device("cpu"), 0, 1, log=lambda line: None)
+    assert torch.equal(model.edit_image_head[0].weight, trained)
+    assert (tmp_path / "stage4.done").exists()
 
 
 def test_multi_turn_understanding_trains_on_every_answer_and_nothing_else(setup):

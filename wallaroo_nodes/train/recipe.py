@@ -55,6 +55,9 @@ class Stage:
     qa_turns: int = 3
     # Object counts drawn for generation scenes (understanding and editing always see one or two objects).
     gen_objects: tuple[int, ...] = (1, 2)
+    # Start the editing head and adapters as copies of generation's (they predict and embed the same VQ codes)
+    # instead of from random weights.
+    edit_from_generation: bool = False
 
 
 def default_stages(scale: float = 1.0) -> list[Stage]:
@@ -71,7 +74,8 @@ def default_stages(scale: float = 1.0) -> list[Stage]:
         Stage("2-joint-pretrain", n(2600), 1e-3, {"generate": 0.85, "understand": 0.15}, SQUARE,
               gen_objects=(1, 1, 1, 2)),
         Stage("3-multi-resolution", n(2400), 7e-4, {"generate": 0.8, "understand": 0.2}, ALL_CANVASES),
-        Stage("4-unified-finetune", n(1000), 5e-4, {"generate": 0.35, "understand": 0.2, "edit": 0.45}, ALL_CANVASES),
+        Stage("4-unified-finetune", n(1800), 5e-4, {"generate": 0.35, "understand": 0.2, "edit": 0.45}, ALL_CANVASES,
+              edit_from_generation=True),
     ]
 
 
@@ -313,6 +317,18 @@ def _restart_dead_codes(vq: VQModel, x: torch.Tensor, usage: torch.Tensor, rng: 
 
 # --- the stages -----------------------------------------------------------------------------------
 
+@torch.no_grad()
+def copy_generation_into_edit(model: WallarooModel) -> None:
+    """Set the edit image head to the generation head, and the edit and pixel adapters to generation's adapter.
+
+    Both heads predict the same VQ codes and all three adapters embed 8-d VQ vectors; starting from
+    generation's weights, editing does not spend its few stage-4 steps relearning the code table.
+    """
+    model.edit_image_head.load_state_dict(model.gen_image_head.state_dict())
+    model.edit_input_adapter.load_state_dict(model.gen_input_adapter.state_dict())
+    model.pixel_adapter.load_state_dict(model.gen_input_adapter.state_dict())
+
+
 def run_stage(index: int, stage: Stage, model: WallarooModel, tok: TextTokenizer, out: Path, seed: int,
               device: torch.device, rank: int, world: int, log=print,
               before_step: Callable[[], None] | None = None, precision: torch.dtype | None = None) -> None:
@@ -332,6 +348,8 @@ def run_stage(index: int, stage: Stage, model: WallarooModel, tok: TextTokenizer
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         start = state["step"]
+    elif stage.edit_from_generation:
+        copy_generation_into_edit(model)
     trainer: nn.Module = TrainingModel(model)
     if world > 1:
         trainer = nn.parallel.DistributedDataParallel(trainer, find_unused_parameters=True)
