@@ -205,6 +205,11 @@ class VQModel(nn.Module):
 
     def encode_features(self, x: torch.Tensor) -> torch.Tensor:
         """Images [B, 3, H, W] in [-1, 1] -> unit-norm, unquantised latents [B, h, w, C]."""
+        # In the weights' own dtype even inside a caller's autocast (bf16 training): the codes are targets.
+        with torch.autocast(x.device.type, enabled=False):
+            return self._encode_features(x)
+
+    def _encode_features(self, x: torch.Tensor) -> torch.Tensor:
         if not self.cfg.cell_local:
             z = self.quant_conv(self.encoder(x))
             return F.normalize(z.permute(0, 2, 3, 1), dim=-1)
@@ -218,10 +223,11 @@ class VQModel(nn.Module):
 
     def quantize_features(self, z: torch.Tensor) -> torch.Tensor:
         """Latents [B, h, w, C] -> nearest codebook ids [B, h, w] (by l2 distance of unit vectors)."""
-        # Distances in fp32: in bf16 near-ties round together and flip codes.
-        flat = F.normalize(z.reshape(-1, z.shape[-1]).float(), dim=-1)
-        emb = self.quantize.normalized().float()
-        dist = flat.pow(2).sum(1, keepdim=True) + emb.pow(2).sum(1) - 2.0 * flat @ emb.t()
+        # Distances in fp32, autocast or not: in bf16 near-ties round together and flip codes.
+        with torch.autocast(z.device.type, enabled=False):
+            flat = F.normalize(z.reshape(-1, z.shape[-1]).float(), dim=-1)
+            emb = self.quantize.normalized().float()
+            dist = flat.pow(2).sum(1, keepdim=True) + emb.pow(2).sum(1) - 2.0 * flat @ emb.t()
         return dist.argmin(dim=1).reshape(z.shape[:-1])
 
     @torch.no_grad()

@@ -67,10 +67,10 @@ def default_stages(scale: float = 1.0) -> list[Stage]:
     return [
         Stage("0-understanding-pretrain", n(900), 1e-3, {"understand": 1.0}, ALL_CANVASES),
         Stage("1-alignment", n(250), 1e-3, {"generate": 1.0}, SQUARE, trainable="align", gen_objects=(1,)),
-        # Generation is bounded by how many image samples it sees: probes from the stage-1 weights learnt as
-        # much per generation sample with a quarter of the batches on understanding as without, and one-object
-        # scenes bind colour long before two-object ones do. So stage 2 is long, mostly generation, and three
-        # quarters of its scenes have one object; stage 3 brings the second object and the other canvases.
+        # Generation is bounded by how many image samples it sees, and one-object scenes bind the colour word
+        # long before two-object ones do (probes from the stage-1 weights; README). So stage 2 is long, mostly
+        # generation, with three quarters of its scenes one-object; stage 3 brings the second object and the
+        # other canvases.
         Stage("2-joint-pretrain", n(2600), 1e-3, {"generate": 0.85, "understand": 0.15}, SQUARE,
               gen_objects=(1, 1, 1, 2)),
         Stage("3-multi-resolution", n(2400), 7e-4, {"generate": 0.8, "understand": 0.2}, ALL_CANVASES),
@@ -141,12 +141,12 @@ class TrainingModel(nn.Module):
             feats = m.visual(batch.vision_patches.to(dev), batch.vision_grids.to(dev))
             flat = flat.index_copy(0, batch.vision_index.to(dev), feats.to(flat.dtype))
         if batch.pixel_index is not None:
-            with torch.no_grad(), _full_precision(dev):
+            with torch.no_grad():
                 z = m.vq.encode_features(batch.pixel_sources.to(dev))
             flat = flat.index_copy(0, batch.pixel_index.to(dev), m.pixel_adapter(z.flatten(0, 2)))
         codes = None
         if batch.code_input_index is not None:
-            with torch.no_grad(), _full_precision(dev):
+            with torch.no_grad():
                 codes = m.vq.encode(batch.target_images.to(dev)).flatten()
             fed = m.input_adapter(kind)(m.vq.codebook_entries(codes))
             flat = flat.index_copy(0, batch.code_input_index.to(dev), fed)
@@ -191,11 +191,6 @@ def step_context(device: torch.device, dtype: torch.dtype):
         if device.type == "cpu":
             stack.enter_context(sdpa_kernel(SDPBackend.MATH))
         yield
-
-
-def _full_precision(device: torch.device) -> torch.autocast:
-    # The frozen VQ picks nearest codes: in bf16 the distances tie and flip, and the targets turn to noise.
-    return torch.autocast(device.type, enabled=False)
 
 
 def trainable_parameters(model: WallarooModel, mode: str) -> list[nn.Parameter]:
