@@ -1,6 +1,7 @@
 """Vision tower: official parameter names, and output parity with transformers' Qwen2.5-VL vision model."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import pytest
@@ -173,3 +174,50 @@ def test_bfloat16_tower_tracks_float32():
         low = tower.to(torch.bfloat16)(patches, grid)  # float32 patches are cast by the patch embedding
     assert low.dtype == torch.bfloat16
     assert ((low.float() - ref).norm() / ref.norm()).item() < 0.03
+
+
+def test_official_tower_has_no_absolute_position_table():
+    """Qwen2.5-VL has none; the table exists only where a config asks for it (the tiny model)."""
+    assert VisionConfig().abs_position_grid == 0
+    assert not hasattr(VisionTower(TINY), "pos_embed")
+    with_table = VisionTower(dataclasses.replace(TINY, abs_position_grid=4))
+    assert tuple(with_table.state_dict()["pos_embed.weight"].shape) == (16, TINY.hidden_size)
+
+
+def test_absolute_positions_sample_the_table_by_fraction_of_the_image():
+    table = vision_module.AbsolutePositionEmbedding(dataclasses.replace(TINY, abs_position_grid=3))
+    with torch.no_grad():
+        table.weight.copy_(torch.arange(9, dtype=torch.float32)[:, None].expand(9, TINY.hidden_size))
+    for rows, cols in ((4, 6), (8, 8), (2, 10)):
+        pos = rotary_positions([(1, rows, cols)], merge=2)
+        got = table(pos, torch.tensor([[rows, cols]]).expand(len(pos), 2))[:, 0]
+        by_place = {tuple(p): v for p, v in zip(pos.tolist(), got.tolist())}
+        # Corners are the table's corners at every resolution; in between is bilinear (row-major 3x3 table).
+        assert by_place[(0, 0)] == 0 and by_place[(0, cols - 1)] == 2
+        assert by_place[(rows - 1, 0)] == 6 and by_place[(rows - 1, cols - 1)] == 8
+        expected = (torch.tensor([r for r, c in pos.tolist()]) / (rows - 1) * 2 * 3
+                    + torch.tensor([c for r, c in pos.tolist()]) / (cols - 1) * 2)
+        assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_absolute_positions_tell_apart_tokens_a_relative_tower_cannot():
+    """On a flat image every token of a rotary-only tower is the same; the table makes them differ."""
+    cfg = dataclasses.replace(TINY, abs_position_grid=4)
+    torch.manual_seed(0)
+    tower = VisionTower(cfg)
+    flat = torch.ones(64, 1176)
+    grid = torch.tensor([[1, 8, 8]])
+    with torch.no_grad():
+        plain = VisionTower(TINY)
+        plain.load_state_dict({k: v for k, v in tower.state_dict().items() if k != "pos_embed.weight"})
+        same = plain(flat, grid)
+        tower.pos_embed.weight.normal_()
+        differ = tower(flat, grid)
+    assert (same - same[0]).abs().max() < 1e-5
+    assert (differ - differ[0]).abs().amax(dim=1)[1:].min() > 1e-3
+
+
+def test_config_rejects_a_one_cell_position_table():
+    from wallaroo_nodes.engine.config import ConfigError
+    with pytest.raises(ConfigError, match="abs_position_grid"):
+        dataclasses.replace(TINY, abs_position_grid=1).validate()

@@ -72,6 +72,11 @@ class VisionConfig:
     max_pixels: int = 28 * 28 * 1280
     edit_min_pixels: int = 12544
     edit_max_pixels: int = 188160
+    # Side of a learned table of absolute patch positions sampled at each patch's place as a fraction of
+    # its image (Qwen3-VL's pos_embed idea). 0 = none, as in Qwen2.5-VL. The tiny model needs it: its
+    # 2-D rotary positions are relative, so on a flat background no token could tell where in the frame it
+    # sits, and M-RoPE gives the LLM's columns almost no angle (see docs/architecture.md).
+    abs_position_grid: int = 0
 
     @property
     def head_dim(self) -> int:
@@ -88,6 +93,8 @@ class VisionConfig:
             raise ConfigError(f"vision.hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if self.window_size % (self.patch_size * self.spatial_merge_size):
             raise ConfigError("vision.window_size must be a multiple of patch_size * spatial_merge_size")
+        if self.abs_position_grid < 0 or self.abs_position_grid == 1:
+            raise ConfigError(f"vision.abs_position_grid must be 0 (none) or >= 2, got {self.abs_position_grid}")
         bad = [i for i in self.fullatt_block_indexes if not 0 <= i < self.depth]
         if bad:
             raise ConfigError(f"vision.fullatt_block_indexes {bad} are outside 0..{self.depth - 1}")

@@ -30,6 +30,32 @@ class PatchEmbed(nn.Module):
         return F.linear(patches.to(weight.dtype), weight.reshape(weight.shape[0], -1))
 
 
+class AbsolutePositionEmbedding(nn.Module):
+    """A learned grid x grid table of features, bilinearly sampled where each patch sits in its image."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.grid = cfg.abs_position_grid
+        # About the size of a patch embedding, so where a token sits is as loud as what it shows from step 0.
+        self.weight = nn.Parameter(torch.randn(self.grid * self.grid, cfg.hidden_size) * 0.5)
+
+    def forward(self, positions: torch.Tensor, sides: torch.Tensor) -> torch.Tensor:
+        """Features (N, hidden) for patch (row, col) positions (N, 2) of images with (rows, cols) sides (N, 2)."""
+        # Fractions of the image, not patch indices: "left third" means the same at every resolution.
+        last = (sides - 1).clamp(min=1).to(torch.float32)
+        coords = positions.to(torch.float32) / last * (self.grid - 1)
+        low = coords.floor().clamp(max=self.grid - 2).long()
+        frac = coords - low
+        (r0, c0), (fr, fc) = low.unbind(-1), frac.unbind(-1)
+        w = self.weight
+
+        def at(r: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+            return w[r * self.grid + c]
+        top = at(r0, c0) * (1 - fc)[:, None] + at(r0, c0 + 1) * fc[:, None]
+        bottom = at(r0 + 1, c0) * (1 - fc)[:, None] + at(r0 + 1, c0 + 1) * fc[:, None]
+        return top * (1 - fr).to(w.dtype)[:, None] + bottom * fr.to(w.dtype)[:, None]
+
+
 class VisionMLP(nn.Module):
     """SiLU-gated MLP with biases."""
 
@@ -154,6 +180,8 @@ class VisionTower(nn.Module):
         self.cfg = cfg
         self.attention_backend = "sdpa"
         self.patch_embed = PatchEmbed(cfg)
+        if cfg.abs_position_grid:
+            self.pos_embed = AbsolutePositionEmbedding(cfg)
         self.blocks = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.depth))
         self.merger = PatchMerger(cfg)
         self.full_attention_blocks = frozenset(cfg.fullatt_block_indexes)
@@ -178,7 +206,11 @@ class VisionTower(nn.Module):
         device = pixel_patches.device
 
         x = self.patch_embed(pixel_patches)
-        cos, sin = self.rotary(rotary_positions(grid, merge), device)
+        positions = rotary_positions(grid, merge)
+        if self.cfg.abs_position_grid:
+            sides = torch.cat([torch.tensor([[h, w]]).expand(t * h * w, 2) for t, h, w in grid]).to(device)
+            x = x + self.pos_embed(positions.to(device), sides).to(x.dtype)
+        cos, sin = self.rotary(positions, device)
 
         # Gather tokens window by window, moving whole merge blocks so the merger still sees 2x2 groups.
         order, cu_window = window_order(grid, merge, cfg.window_size // (cfg.patch_size * merge))

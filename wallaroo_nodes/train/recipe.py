@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import os
 import random
 import time
@@ -32,11 +31,13 @@ from ..engine.weights import save_model_folder
 from ..shapes import CANVAS_SIZES, random_scene, render
 from ..engine import images
 from .data import Batch, collate, make_example
+from .schedule import SAVE_EVERY_S, lr_at
 from .tokenizer import train_tokenizer
+from .vision_pretrain import pretrain_vision
 
 ALL_CANVASES = [tuple(c) for c in CANVAS_SIZES]
+VISION_STEPS = 1500  # scene-parsing steps before stage 0 (vision_pretrain.py says why)
 SQUARE = [(64, 64)]
-SAVE_EVERY_S = 120  # checkpoint cadence: a killed run loses at most two minutes
 
 
 @dataclass
@@ -87,9 +88,10 @@ def tiny_model_config(tokens: dict[str, int], vocab_size: int) -> WallarooConfig
         llm=LLMConfig(vocab_size=vocab_size, hidden_size=256, intermediate_size=688, num_layers=4, num_heads=4,
                       num_kv_heads=2, mrope_section=(8, 12, 12), rope_theta=10000.0, max_position_embeddings=4096),
         # Images are upscaled to >= 112x112 so a 64 px scene gets 16 vision tokens, not 4.
+        # The absolute position table (Qwen3-VL's idea; none in Qwen2.5-VL): see VisionConfig.abs_position_grid.
         vision=VisionConfig(depth=4, hidden_size=128, num_heads=4, intermediate_size=256, out_hidden_size=256,
                             fullatt_block_indexes=(1, 3), min_pixels=112 * 112, max_pixels=28 * 28 * 32,
-                            edit_min_pixels=112 * 112, edit_max_pixels=28 * 28 * 32),
+                            edit_min_pixels=112 * 112, edit_max_pixels=28 * 28 * 32, abs_position_grid=8),
         # Cells encoded on their own: with the whole image in view the encoder gave a flat background many
         # codes, each carrying context the LLM could not guess (0.83 nats per background cell with 256 codes,
         # 1.12 with 1,024). Encoded locally a flat cell has exactly one code per colour (entropy 0), so the
@@ -206,14 +208,6 @@ def trainable_parameters(model: WallarooModel, mode: str) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def _lr_at(step: int, total: int, peak: float) -> float:
-    warmup = max(1, min(50, total // 10))
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
 # --- VQ tokenizer ---------------------------------------------------------------------------------
 
 def _reconstruction_loss(recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -259,7 +253,7 @@ def train_vq(cfg: VQConfig, steps: int, out: Path, seed: int, device: torch.devi
         x = torch.cat([images.vq_input(render(random_scene(rng, canvas=canvas)), canvas)
                        for _ in range(batch_size)]).to(device)
         for g in opt.param_groups:
-            g["lr"] = _lr_at(step, steps, VQ_LR)
+            g["lr"] = lr_at(step, steps, VQ_LR)
         if step < warm:
             # Phase 1: a plain autoencoder through the l2-normalised bottleneck. Quantising from step 0
             # left the decoder chasing a codebook that moved under it, and it learnt nothing for 500 steps.
@@ -367,7 +361,7 @@ def run_stage(index: int, stage: Stage, model: WallarooModel, tok: TextTokenizer
                                       n_objects=rng.choice(stage.gen_objects) if task == "generate" else None)
                          for _ in range(per_rank)], model.cfg)
         for g in opt.param_groups:
-            g["lr"] = _lr_at(step, stage.steps, stage.lr)
+            g["lr"] = lr_at(step, stage.steps, stage.lr)
         with step_context(device, precision):
             loss, parts = trainer(batch)
         opt.zero_grad(set_to_none=True)
@@ -477,6 +471,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="train the VQ before stage 0 instead of in a side process beside it")
     parser.add_argument("--vq-warm-steps", type=int, default=1000,
                         help="VQ steps trained as a plain autoencoder before quantising")
+    parser.add_argument("--vision-steps", type=int, default=VISION_STEPS,
+                        help="scene-parsing steps of the vision tower before stage 0 (0 = none)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
     parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
@@ -518,6 +514,14 @@ def main(argv: list[str] | None = None) -> int:
             torch.set_num_threads(threads)
 
     precision = {"auto": training_precision(device), "bf16": torch.bfloat16, "fp32": torch.float32}[args.precision]
+    if args.vision_steps and not (args.out / "stage0.pt").exists() and not (args.out / "stage0.done").exists():
+        # Only before stage 0 starts: afterwards its checkpoints hold the tower.
+        if rank == 0:
+            pretrain_vision(model.visual, args.vision_steps, args.out, args.seed, device, log=log)
+        if dist.is_initialized():
+            dist.barrier()
+            model.visual.load_state_dict(torch.load(args.out / "vision.pt", map_location=device,
+                                                    weights_only=True)["tower"])
     run_stage(0, stages[0], model, tok, args.out, args.seed, device, rank, world, log,
               before_step=take_back_threads if side is not None else None, precision=precision)
     if side is not None:
