@@ -46,14 +46,14 @@ class AbsolutePositionEmbedding(nn.Module):
         coords = positions.to(torch.float32) / last * (self.grid - 1)
         low = coords.floor().clamp(max=self.grid - 2).long()
         frac = coords - low
-        (r0, c0), (fr, fc) = low.unbind(-1), frac.unbind(-1)
-        w = self.weight
+        (r0, c0), (fr, fc) = low.unbind(-1), frac[:, :, None].unbind(1)
+        w = self.weight.float()  # interpolate in float32 whatever the weights' dtype; the caller casts
 
         def at(r: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
             return w[r * self.grid + c]
-        top = at(r0, c0) * (1 - fc)[:, None] + at(r0, c0 + 1) * fc[:, None]
-        bottom = at(r0 + 1, c0) * (1 - fc)[:, None] + at(r0 + 1, c0 + 1) * fc[:, None]
-        return top * (1 - fr).to(w.dtype)[:, None] + bottom * fr.to(w.dtype)[:, None]
+        top = at(r0, c0) * (1 - fc) + at(r0, c0 + 1) * fc
+        bottom = at(r0 + 1, c0) * (1 - fc) + at(r0 + 1, c0 + 1) * fc
+        return top * (1 - fr) + bottom * fr
 
 
 class VisionMLP(nn.Module):
