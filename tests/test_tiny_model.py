@@ -12,7 +12,7 @@ pytestmark = pytest.mark.skipif("tiny" not in bundled_models(),
                                        "`python -m wallaroo_nodes.train --export wallaroo_nodes/models/tiny`)")
 
 FLOOR_MARGIN = 0.10
-# The bundled model (the recipe's fifth run) is far below the bars (README, "The bundled tiny model").
+# The bundled model (the recipe's eighth run) is below the bars but understanding's (README, "The bundled tiny model").
 # Strict: once a retrained model reaches the floors these tests XPASS and fail, so the marker has to go with the fix.
 BELOW_BARS = pytest.mark.xfail(strict=True, reason="bundled tiny model below the issue's bars; a better recipe "
                                                    "is open work (issue #3)")
@@ -30,11 +30,12 @@ def report(pipe):
     return rep
 
 
-def test_understanding_beats_chance_on_every_breakdown(report):
-    # What the bundled run does reach (0.575 on 200 cases, 0.60 on these 50): background always, count mostly.
+def test_understanding_reads_shape_size_and_place(report):
+    # The eighth run (0.94 on 200 cases) reads what the seventh answered at chance: shape, size, position.
     und = report["understanding"]
     assert und["by_kind"]["background"] >= 0.9
-    assert und["accuracy"] >= 0.45 and min(und["by_language"].values()) >= 0.4
+    assert min(und["by_kind"][k] for k in ("shape", "size", "position")) >= 0.6
+    assert min(und["by_language"].values()) >= 0.8
 
 
 def test_generation_lays_out_the_scene_it_is_asked_for(report):
@@ -66,8 +67,11 @@ def test_vq_round_trip_keeps_scenes_readable(round_trip):
     assert round_trip >= 0.95
 
 
-@BELOW_BARS
-@pytest.mark.parametrize("metric", sorted(BARS))
+# Metrics whose floor the bundled model reaches; the others are strict expected failures until it does.
+REACHED: set[str] = {"understanding.accuracy"}  # eighth run: 0.94 on 200 cases
+
+
+@pytest.mark.parametrize("metric", [m if m in REACHED else pytest.param(m, marks=BELOW_BARS) for m in sorted(BARS)])
 def test_quick_eval_stays_above_floor(report, metric):
     section, name = metric.split(".")
     value = report[section][name]
