@@ -12,7 +12,7 @@ pytestmark = pytest.mark.skipif("tiny" not in bundled_models(),
                                        "`python -m wallaroo_nodes.train --export wallaroo_nodes/models/tiny`)")
 
 FLOOR_MARGIN = 0.10
-# The bundled model (the recipe's eighth run) is below the bars but understanding's (README, "The bundled tiny model").
+# The bundled model (the recipe's eighth run) reaches understanding's floor, not the others (README, "The bundled tiny model").
 # Strict: once a retrained model reaches the floors these tests XPASS and fail, so the marker has to go with the fix.
 BELOW_BARS = pytest.mark.xfail(strict=True, reason="bundled tiny model below the issue's bars; a better recipe "
                                                    "is open work (issue #3)")

@@ -75,7 +75,7 @@ class VisionConfig:
     # Side of a learned table of absolute patch positions sampled at each patch's place as a fraction of
     # its image (Qwen3-VL's pos_embed idea). 0 = none, as in Qwen2.5-VL. The tiny model needs it: its
     # 2-D rotary positions are relative, so on a flat background no token could tell where in the frame it
-    # sits, and M-RoPE gives the LLM's columns almost no angle (see docs/architecture.md).
+    # sits, and M-RoPE gives the LLM's columns almost no angle (README, the eighth run).
     abs_position_grid: int = 0
 
     @property

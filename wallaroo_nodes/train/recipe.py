@@ -519,9 +519,10 @@ def main(argv: list[str] | None = None) -> int:
         if rank == 0:
             pretrain_vision(model.visual, args.vision_steps, args.out, args.seed, device, log=log)
         if dist.is_initialized():
-            dist.barrier()
-            model.visual.load_state_dict(torch.load(args.out / "vision.pt", map_location=device,
-                                                    weights_only=True)["tower"])
+            dist.barrier()  # the other ranks take rank 0's tower
+            if rank != 0:
+                model.visual.load_state_dict(torch.load(args.out / "vision.pt", map_location=device,
+                                                        weights_only=True)["tower"])
     run_stage(0, stages[0], model, tok, args.out, args.seed, device, rank, world, log,
               before_step=take_back_threads if side is not None else None, precision=precision)
     if side is not None:
