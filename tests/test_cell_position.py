@@ -1,5 +1,5 @@
 """Cell-position embeddings (engine/cell_position.py): absent from the official layout, laid out row-major, and
-added identically by the training forward and the cached decoder, for generation and for editing."""
+added identically by the training forward and the cached decoder to edits (and not to generation)."""
 from __future__ import annotations
 
 import dataclasses
@@ -93,8 +93,9 @@ def _teacher_forced_predictions(model: WallarooModel, example: Example, codes: t
 
 @pytest.mark.parametrize("kind", ["generate", "edit"])
 def test_training_forward_adds_the_cells_the_decoder_adds(setup, monkeypatch, kind):
-    """Greedy decoding's codes are exactly what the training forward predicts when fed them, with the cells;
-    with the training forward's table switched off they are not, so both paths really use it."""
+    """Greedy decoding's codes are exactly what the training forward predicts when fed them, with the cells.
+    For an edit, with the training forward's table switched off they are not, so both paths really use it;
+    generation does not use the table at all."""
     tok, base = setup
     cfg = dataclasses.replace(base, cell_position_grid=3)
     model = randomize_(WallarooModel(cfg), seed=4, scale=0.7).eval()
@@ -122,7 +123,11 @@ def test_training_forward_adds_the_cells_the_decoder_adds(setup, monkeypatch, ki
         without = _teacher_forced_predictions(model, example, codes, monkeypatch)
     finally:
         model.cell_positions = cells
-    assert not torch.equal(without, codes)
+    if kind == "edit":
+        assert not torch.equal(without, codes)
+    else:
+        assert torch.equal(without, codes)
+        assert model.code_stream_cells(2, 3, "generate") is None
 
 
 def test_transformers_baseline_refuses_a_model_with_cells(setup):

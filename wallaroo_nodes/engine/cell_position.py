@@ -1,10 +1,11 @@
 """Learned (row, column) embeddings of VQ image cells, shared by the edit source's pixel block and the
-generated image stream.
+edited image's stream of codes.
 
 Not in the official model (0 in its config). The tiny model needs it to copy: an edited image's cell (r, c)
 should mostly repeat the source's cell (r, c), but the source pixel block sits before the vision block and
 the instruction, so its distance from the generated cell changes with the instruction's length and 1-D
 positions cannot point at it. With the same embedding on both, matching is one query-key product.
+Generation does not use them: on its stream they slowed the tiny model's learning of the prompt (README).
 """
 from __future__ import annotations
 

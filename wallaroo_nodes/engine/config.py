@@ -200,7 +200,7 @@ class WallarooConfig:
     # dtype the weights were saved in (informational; loading casts to the requested dtype).
     weights_dtype: str = "bfloat16"
     # Side of learned (row, column) embeddings added to the edit source's pixel slots and to every input
-    # that predicts an image code (engine/cell_position.py). 0 = none, as in the official model.
+    # that predicts an edited image's code (engine/cell_position.py). 0 = none, as in the official model.
     cell_position_grid: int = 0
 
     def validate(self) -> None:

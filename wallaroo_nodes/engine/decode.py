@@ -141,8 +141,8 @@ def decode_image_codes(model: WallarooModel, prep: PreparedBatch, *, rows: int, 
     two = torch.empty(total, 2, dim, dtype=model.dtype, device=device)
     eol = model.embed_tokens(torch.tensor([eol_id], device=device))[0]
     two[:, 1] = eol
-    # Optional cell-position embeddings (engine/cell_position.py): input k predicts cell k.
-    cells = model.code_stream_cells(rows, cols)
+    # Optional cell-position embeddings (engine/cell_position.py; edits only): input k predicts cell k.
+    cells = model.code_stream_cells(rows, cols, kind)
     if cells is not None:
         embeds = prep.embeds.clone()
         embeds[:, -1] += cells[0]

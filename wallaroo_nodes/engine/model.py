@@ -108,9 +108,13 @@ class WallarooModel(nn.Module):
             out = out + self.cell_positions.grid(h, w).reshape(h * w, -1).to(out.dtype)
         return out
 
-    def code_stream_cells(self, rows: int, cols: int) -> torch.Tensor | None:
-        """What to add to the k-th code-predicting input of a rows x cols image (rows*cols, D); None if nothing."""
-        if self.cell_positions is None:
+    def code_stream_cells(self, rows: int, cols: int, kind: str) -> torch.Tensor | None:
+        """What to add to the k-th code-predicting input of a rows x cols image (rows*cols, D); None if nothing.
+
+        Only the edit stream gets cells: it copies the source's pixel block, which carries the same ones. On the
+        generation stream they cost the tiny model half its one-object accuracy after stage 2 (README).
+        """
+        if self.cell_positions is None or kind != "edit":
             return None
         return self.cell_positions.stream(rows, cols).to(self.dtype)
 

@@ -101,8 +101,8 @@ def tiny_model_config(tokens: dict[str, int], vocab_size: int) -> WallarooConfig
         protocol=protocol,
         sampling=SamplingDefaults(generate_cfg=1.5, generate_top_k=50, edit_cfg=1.5, edit_top_k=50,
                                   understand_max_new_tokens=48),
-        # Cell embeddings on the edit source's pixel slots and the generated stream, so that editing can copy
-        # the source cell by cell (engine/cell_position.py; 80 px / 8 = 10 cells on the longest side).
+        # Cell embeddings on the edit source's pixel slots and the edit stream, so that editing can copy the
+        # source cell by cell (engine/cell_position.py; 80 px / 8 = 10 cells on the longest side).
         tokens=tokens, has_edit=True, weights_dtype="float32", cell_position_grid=10)
     cfg.validate()
     return cfg
@@ -154,10 +154,10 @@ class TrainingModel(nn.Module):
                 codes = m.vq.encode(batch.target_images.to(dev)).flatten()
             fed = m.input_adapter(kind)(m.vq.codebook_entries(codes))
             flat = flat.index_copy(0, batch.code_input_index.to(dev), fed)
-            if m.cell_positions is not None:
+            cells = [m.code_stream_cells(rows, cols, kind) for rows, cols in batch.code_grids]
+            if cells[0] is not None:
                 # Each code-predicting input gets its cell's embedding, as the decoder adds it.
-                cells = torch.cat([m.code_stream_cells(rows, cols) for rows, cols in batch.code_grids])
-                flat = flat.index_add(0, batch.code_target_index.to(dev), cells.to(flat.dtype))
+                flat = flat.index_add(0, batch.code_target_index.to(dev), torch.cat(cells).to(flat.dtype))
         hidden = m(flat.view(b, length, d), batch.position_ids.to(dev), batch.valid.to(dev)).reshape(b * length, d)
         loss = hidden.new_zeros(())
         parts: dict[str, float] = {}
