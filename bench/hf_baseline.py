@@ -89,11 +89,10 @@ def build_hf_twin(ours: WallarooModel):
     require_transformers()
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    extras = [name for name, on in (("vision.abs_position_grid", ours.cfg.vision.abs_position_grid),
-                                    ("cell_position_grid", ours.cfg.cell_position_grid)) if on]
-    if extras:
-        raise BaselineUnavailable(f"this model uses {', '.join(extras)}, which Qwen2.5-VL in transformers does not "
-                                  "have; the baseline covers the official architecture (--config mid or 7b)")
+    if ours.cfg.vision.abs_position_grid:
+        raise BaselineUnavailable("this model's vision tower has an absolute position table "
+                                  "(vision.abs_position_grid), which Qwen2.5-VL in transformers does not have; the "
+                                  "baseline covers the official architecture (--config mid or 7b)")
     cfg = hf_config(ours)
     with torch.device("meta"):
         hf = Qwen2_5_VLForConditionalGeneration(cfg)

@@ -151,3 +151,16 @@ def test_bench_says_when_transformers_is_missing(capsys, monkeypatch):
     captured = capsys.readouterr()
     assert "pip install" in captured.err and "--no-baseline" in captured.err
     assert captured.out.strip().splitlines()[-1] == SPEEDUP_LINE + "n/a (transformers not installed)"
+
+
+def test_transformers_baseline_names_the_tiny_models_extra_table(tmp_path):
+    """The tiny model's vision tower has a table Qwen2.5-VL lacks: the baseline says so, not a state-dict error."""
+    pytest.importorskip("transformers", reason="transformers (a test dependency) is not installed")
+    import dataclasses
+
+    from bench.hf_baseline import BaselineUnavailable, build_hf_twin
+
+    _, cfg = make_tokenizer_and_config(tmp_path)
+    cfg = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, abs_position_grid=4))
+    with pytest.raises(BaselineUnavailable, match="abs_position_grid"):
+        build_hf_twin(WallarooModel(cfg))

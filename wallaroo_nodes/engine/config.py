@@ -199,9 +199,6 @@ class WallarooConfig:
     has_edit: bool = True
     # dtype the weights were saved in (informational; loading casts to the requested dtype).
     weights_dtype: str = "bfloat16"
-    # Side of learned (row, column) embeddings added to the edit source's pixel slots and to every input
-    # that predicts an edited image's code (engine/cell_position.py). 0 = none, as in the official model.
-    cell_position_grid: int = 0
 
     def validate(self) -> None:
         """Raise ConfigError naming the first inconsistency."""
@@ -210,8 +207,6 @@ class WallarooConfig:
         self.vq.validate()
         if self.vision.out_hidden_size != self.llm.hidden_size:
             raise ConfigError(f"vision.out_hidden_size {self.vision.out_hidden_size} != llm.hidden_size {self.llm.hidden_size}")
-        if self.cell_position_grid < 0:
-            raise ConfigError(f"cell_position_grid must be 0 (none) or positive, got {self.cell_position_grid}")
         missing = [t for t in REQUIRED_TOKENS if t not in self.tokens]
         if missing:
             raise ConfigError(f"config tokens table lacks {missing}")
@@ -219,9 +214,6 @@ class WallarooConfig:
             for side in (h, w):
                 if side % self.vq.downsample:
                     raise ConfigError(f"size {h}x{w} is not a multiple of the VQ downsampling {self.vq.downsample}")
-                if self.cell_position_grid and side // self.vq.downsample > self.cell_position_grid:
-                    raise ConfigError(f"size {h}x{w} has {side // self.vq.downsample} code cells on a side, more "
-                                      f"than cell_position_grid {self.cell_position_grid}")
                 name = self.protocol.indicator_format.format(side)
                 if name not in self.tokens:
                     raise ConfigError(f"size {h}x{w} needs token {name!r}, absent from the config tokens table")

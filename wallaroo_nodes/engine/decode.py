@@ -15,7 +15,7 @@ Callers get a callback after each image row and a cancel check between rows; a c
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
@@ -139,14 +139,7 @@ def decode_image_codes(model: WallarooModel, prep: PreparedBatch, *, rows: int, 
     # Input buffers: one code, or a row's last code followed by the end-of-line token (already in place).
     one = torch.empty(total, 1, dim, dtype=model.dtype, device=device)
     two = torch.empty(total, 2, dim, dtype=model.dtype, device=device)
-    eol = model.embed_tokens(torch.tensor([eol_id], device=device))[0]
-    two[:, 1] = eol
-    # Optional cell-position embeddings (engine/cell_position.py; edits only): input k predicts cell k.
-    cells = model.code_stream_cells(rows, cols, kind)
-    if cells is not None:
-        embeds = prep.embeds.clone()
-        embeds[:, -1] += cells[0]
-        prep = replace(prep, embeds=embeds)
+    two[:, 1] = model.embed_tokens(torch.tensor([eol_id], device=device))
     groups = total // n  # the code of conditional row i is fed to row i of each group (CFG: both branches)
     one_code, two_code = one[:, 0].unflatten(0, (groups, n)), two[:, 0].unflatten(0, (groups, n))
     codes = torch.empty(n, rows, cols, dtype=torch.long, device=device)
@@ -167,14 +160,10 @@ def decode_image_codes(model: WallarooModel, prep: PreparedBatch, *, rows: int, 
                 if c == cols - 1:
                     # The row's last code and the end-of-line token go in together: nothing is sampled between.
                     two_code.copy_(table.index_select(0, code))
-                    if cells is not None:
-                        two[:, 1] = eol + cells[(r + 1) * cols]
                     hidden = steps.step(two, cos.narrow(1, t, 2), sin.narrow(1, t, 2))
                     t += 2
                 else:
                     one_code.copy_(table.index_select(0, code))
-                    if cells is not None:
-                        one[:, 0] += cells[r * cols + c + 1]
                     hidden = steps.step(one, cos.narrow(1, t, 1), sin.narrow(1, t, 1))
                     t += 1
             if on_row is not None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .cell_position import CellPositionEmbedding
 from .config import WallarooConfig
 from .kv_cache import KVCache
 from .llm import DecoderBody
@@ -43,7 +42,6 @@ class WallarooModel(nn.Module):
             self.edit_image_head = _mlp(d, d, codes, last_bias=False)
             self.edit_input_adapter = _mlp(code_dim, d, d)
             self.pixel_adapter = _mlp(code_dim, d, d)
-        self.cell_positions = CellPositionEmbedding(cfg.cell_position_grid, d) if cfg.cell_position_grid else None
         # Rotary tables are plain attributes, not buffers: `.to(bf16)` would round the frequencies.
         self._rope: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         self.attention_backend = "sdpa"
@@ -98,25 +96,8 @@ class WallarooModel(nn.Module):
 
     def pixel_embeddings(self, vq_pixels: torch.Tensor) -> torch.Tensor:
         """Edit-source pixel features: (B, 3, H, W) in [-1, 1] -> (B, h*w, D) through the pixel adapter."""
-        return self.pixel_features(self.vq.encode_features(vq_pixels.to(self.vq_dtype)))
-
-    def pixel_features(self, z: torch.Tensor) -> torch.Tensor:
-        """Pixel-slot embeddings (B, h*w, D) for unquantised VQ latents (B, h, w, C), cell positions added."""
-        b, h, w, _ = z.shape
-        out = self.pixel_adapter(z.flatten(1, 2).to(self.dtype))
-        if self.cell_positions is not None:
-            out = out + self.cell_positions.grid(h, w).reshape(h * w, -1).to(out.dtype)
-        return out
-
-    def code_stream_cells(self, rows: int, cols: int, kind: str) -> torch.Tensor | None:
-        """What to add to the k-th code-predicting input of a rows x cols image (rows*cols, D); None if nothing.
-
-        Only the edit stream gets cells: it copies the source's pixel block, which carries the same ones. On the
-        generation stream they cost the tiny model half its one-object accuracy after stage 2 (README).
-        """
-        if self.cell_positions is None or kind != "edit":
-            return None
-        return self.cell_positions.stream(rows, cols).to(self.dtype)
+        z = self.vq.encode_features(vq_pixels.to(self.vq_dtype))
+        return self.pixel_adapter(z.flatten(1, 2).to(self.dtype))
 
     @property
     def vq_dtype(self) -> torch.dtype:

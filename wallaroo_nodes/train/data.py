@@ -98,7 +98,6 @@ class Batch:
     code_target_index: torch.Tensor | None  # flat indices whose hidden state predicts a code
     text_target_index: torch.Tensor | None  # flat indices whose hidden state predicts a text token
     text_targets: torch.Tensor | None
-    code_grids: list[tuple[int, int]] = field(default_factory=list)  # per example: (rows, cols) of its codes
 
 
 def collate(examples: list[Example], cfg: WallarooConfig) -> Batch:
@@ -120,8 +119,6 @@ def collate(examples: list[Example], cfg: WallarooConfig) -> Batch:
             for r in range(h):
                 cont += [pad_code] * w + ([eol] if r < h - 1 else [])
         seqs.append((ids, cont))
-    code_grids = ([(e.target_image.height // ds, e.target_image.width // ds) for e in examples]
-                  if task != "understand" else [])
     length = max(len(a) + len(b) for a, b in seqs)
     for b, (e, (ids, cont)) in enumerate(zip(examples, seqs)):
         base = b * length
@@ -163,4 +160,4 @@ def collate(examples: list[Example], cfg: WallarooConfig) -> Batch:
         target_images=(torch.cat([images.vq_input(e.target_image, (e.target_image.height, e.target_image.width))
                                   for e in examples]) if task != "understand" else None),
         code_input_index=idx(code_in), code_target_index=idx(code_tgt),
-        text_target_index=idx(text_tgt), text_targets=idx(text_y), code_grids=code_grids)
+        text_target_index=idx(text_tgt), text_targets=idx(text_y))

@@ -101,9 +101,7 @@ def tiny_model_config(tokens: dict[str, int], vocab_size: int) -> WallarooConfig
         protocol=protocol,
         sampling=SamplingDefaults(generate_cfg=1.5, generate_top_k=50, edit_cfg=1.5, edit_top_k=50,
                                   understand_max_new_tokens=48),
-        # Cell embeddings on the edit source's pixel slots and the edit stream, so that editing can copy the
-        # source cell by cell (engine/cell_position.py; 80 px / 8 = 10 cells on the longest side).
-        tokens=tokens, has_edit=True, weights_dtype="float32", cell_position_grid=10)
+        tokens=tokens, has_edit=True, weights_dtype="float32")
     cfg.validate()
     return cfg
 
@@ -147,17 +145,13 @@ class TrainingModel(nn.Module):
         if batch.pixel_index is not None:
             with torch.no_grad():
                 z = m.vq.encode_features(batch.pixel_sources.to(dev))
-            flat = flat.index_copy(0, batch.pixel_index.to(dev), m.pixel_features(z).flatten(0, 1).to(flat.dtype))
+            flat = flat.index_copy(0, batch.pixel_index.to(dev), m.pixel_adapter(z.flatten(0, 2)))
         codes = None
         if batch.code_input_index is not None:
             with torch.no_grad():
                 codes = m.vq.encode(batch.target_images.to(dev)).flatten()
             fed = m.input_adapter(kind)(m.vq.codebook_entries(codes))
             flat = flat.index_copy(0, batch.code_input_index.to(dev), fed)
-            cells = [m.code_stream_cells(rows, cols, kind) for rows, cols in batch.code_grids]
-            if cells[0] is not None:
-                # Each code-predicting input gets its cell's embedding, as the decoder adds it.
-                flat = flat.index_add(0, batch.code_target_index.to(dev), torch.cat(cells).to(flat.dtype))
         hidden = m(flat.view(b, length, d), batch.position_ids.to(dev), batch.valid.to(dev)).reshape(b * length, d)
         loss = hidden.new_zeros(())
         parts: dict[str, float] = {}
@@ -209,8 +203,6 @@ def trainable_parameters(model: WallarooModel, mode: str) -> list[nn.Parameter]:
     else:
         parts = [model.model, model.lm_head, model.visual, model.gen_image_head, model.gen_input_adapter,
                  model.edit_image_head, model.edit_input_adapter, model.pixel_adapter]
-    if model.cell_positions is not None:  # new to the backbone, like the heads: trained from alignment on
-        parts.append(model.cell_positions)
     for p in parts:
         p.requires_grad_(True)
     return [p for p in model.parameters() if p.requires_grad]
