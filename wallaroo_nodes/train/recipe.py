@@ -100,7 +100,7 @@ def tiny_model_config(tokens: dict[str, int], vocab_size: int) -> WallarooConfig
                     z_channels=64, norm_groups=8, cell_local=True),
         protocol=protocol,
         # Swept on the eighth run (README): temperature 1 -> 0.5 took one-object prompts 0.775 -> 0.845 and
-        # two-object 0.195 -> 0.30; edits were best near greedy and without guidance (0.03 -> 0.13).
+        # two-object 0.195 -> 0.30; edits were best near greedy and without guidance (0.04 -> 0.13).
         sampling=SamplingDefaults(generate_cfg=1.5, generate_temperature=0.5, generate_top_k=50, edit_cfg=1.0,
                                   edit_temperature=0.2, edit_top_k=50, understand_max_new_tokens=48),
         tokens=tokens, has_edit=True, weights_dtype="float32")
