@@ -150,7 +150,29 @@ def test_recipe_runs_end_to_end_resumes_and_exports(tmp_path, threads):
     before = (out / "train_log.jsonl").read_text()
     assert main(args) == 0
     after = (out / "train_log.jsonl").read_text()
-    assert [json.loads(x).get("event") for x in after[len(before):].splitlines()] == ["finished"]
+    assert [json.loads(x).get("event") for x in after[len(before):].splitlines()] == ["started", "finished"]
+
+
+def test_recipe_trains_data_parallel_under_torchrun(tmp_path):
+    # The same script on two CPU ranks (gloo): rank 0 trains the VQ and the vision tower, every stage's
+    # batches are split across both, and the exported model loads.
+    import os
+    import subprocess
+    import sys
+    out, export = tmp_path / "run", tmp_path / "model"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "wallaroo_nodes.train", "--out", str(out), "--scale", "0.0001", "--vq-steps", "2",
+           "--vq-warm-steps", "1", "--batch-size", "4", "--vq-batch-size", "2", "--threads", "1",
+           "--export", str(export), "--vision-steps", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [e["world_size"] for e in log if e.get("event") == "started"] == [2]
+    assert all((out / f"stage{i}.done").exists() for i in range(5))
+    assert log[-1].get("event") == "finished"
+    model, _ = load_model(export, dtype="fp32", device="cpu")
+    assert model.cfg.name == "wallaroo-tiny-shapes"
 
 
 def test_vq_loss_weights_outlines_above_object_insides_above_background():

@@ -355,9 +355,14 @@ def run_stage(index: int, stage: Stage, model: WallarooModel, tok: TextTokenizer
     for step in bar:
         if before_step is not None:
             before_step()
-        rng = random.Random(seed * 1_000_003 + index * 10_000_019 + step * 131 + rank)
+        # Every rank takes the same task and canvas (drawn from rank 0's stream): a data-parallel step waits
+        # for its slowest rank, and an edit batch is half again as long as a generation batch.
+        step_seed = seed * 1_000_003 + index * 10_000_019 + step * 131
+        rng = random.Random(step_seed)
         task = rng.choices(tasks, weights)[0]
         canvas = rng.choice(stage.canvases)
+        if rank:
+            rng = random.Random(step_seed + rank)  # each rank's own examples
         per_rank = max(1, stage.batch_size // world)
         batch = collate([make_example(task, rng, tok, model.cfg, [canvas], qa_turns=stage.qa_turns,
                                       n_objects=rng.choice(stage.gen_objects) if task == "generate" else None)
@@ -489,6 +494,8 @@ def main(argv: list[str] | None = None) -> int:
     log = run_log(args.out) if rank == 0 else (lambda line: None)
 
     t0 = time.time()
+    log(json.dumps({"event": "started", "world_size": world, "threads_per_rank": torch.get_num_threads(),
+                    "device": str(device)}))
     model, tok = build_or_resume(args.out, args.seed, device, rank)
     stages = [replace(s, batch_size=args.batch_size) if args.batch_size else s for s in default_stages(args.scale)]
     vq_run = (model.cfg.vq, args.vq_steps, args.out, args.seed)
