@@ -130,7 +130,7 @@ def test_multi_turn_understanding_trains_on_every_answer_and_nothing_else(setup)
 
 
 @pytest.mark.parametrize("threads", [1, 2], ids=["vq-before-stage0", "vq-in-side-process"])
-def test_recipe_runs_end_to_end_resumes_and_exports(tmp_path, threads):
+def test_recipe_runs_end_to_end_resumes_and_exports(tmp_path, threads, capsys):
     out, export = tmp_path / "run", tmp_path / "model"
     args = ["--out", str(out), "--scale", "0.0001", "--vq-steps", "2", "--vq-warm-steps", "1", "--batch-size", "2",
             "--vq-batch-size", "2", "--threads", str(threads), "--export", str(export), "--vision-steps", "2"]
@@ -143,6 +143,10 @@ def test_recipe_runs_end_to_end_resumes_and_exports(tmp_path, threads):
     assert (out / "vision.done").exists()
     quality = next(e for e in log if "vq_round_trip" in e)
     assert 0 <= quality["vq_round_trip"] <= 1 and quality["vq_background_code_entropy"] >= 0
+    # Two steps of stage 0 cannot read an image: the check after stage 0 says so before the long stages.
+    reading = next(e for e in log if e.get("stage") == "0-check")
+    assert all(0 <= reading[k] <= 1 for k in ("position", "shape", "size"))
+    assert "warning: stage 0 did not learn to find the object" in capsys.readouterr().out
     assert all((out / f"stage{i}.done").exists() for i in range(5))
     model, tok = load_model(export, dtype="fp32", device="cpu")
     assert model.cfg.name == "wallaroo-tiny-shapes"

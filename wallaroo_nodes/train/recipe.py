@@ -434,6 +434,22 @@ def log_vq_quality(vq: VQModel, log=print) -> dict[str, float]:
     return quality
 
 
+def log_vision_reading(model: WallarooModel, tok: TextTokenizer, log=print) -> dict[str, float]:
+    """Log whether stage 0 learnt to read the image, and warn when it did not (the later stages will not)."""
+    from ..engine.pipeline import Pipeline
+    from ..eval.shapes_eval import READING_CHANCE, vision_reading_check
+
+    reading = vision_reading_check(Pipeline(model.eval(), tok))
+    log(json.dumps({"stage": "0-check", **{k: round(v, 3) for k, v in reading.items()}}))
+    summary = ", ".join(f"{k} {v:.2f} (chance {READING_CHANCE[k]:.2f})" for k, v in reading.items())
+    print(f"stage 0 check, one-object scenes: {summary}")
+    if reading["position"] < 0.6 or reading["shape"] < 0.6:
+        print("warning: stage 0 did not learn to find the object among the vision tokens; stages 1-4 did not make "
+              "up for that in past runs (README, eleventh run). Consider stopping and starting a new run folder "
+              "with another --seed.")
+    return reading
+
+
 def run_log(out: Path) -> Callable[[str], None]:
     """A function appending one line to the run folder's train_log.jsonl."""
     def log(line: str) -> None:
@@ -545,6 +561,7 @@ def main(argv: list[str] | None = None) -> int:
     model.vq.load_state_dict(vq_state)
     if rank == 0 and not (args.out / "stage1.done").exists():
         log_vq_quality(model.vq, log)
+        log_vision_reading(model, tok, log)
     for i, stage in enumerate(stages[1:], start=1):
         run_stage(i, stage, model, tok, args.out, args.seed, device, rank, world, log, precision=precision)
     if rank == 0:
