@@ -443,7 +443,8 @@ def log_vision_reading(model: WallarooModel, tok: TextTokenizer, log=print) -> d
     log(json.dumps({"stage": "0-check", **{k: round(v, 3) for k, v in reading.items()}}))
     summary = ", ".join(f"{k} {v:.2f} (chance {READING_CHANCE[k]:.2f})" for k, v in reading.items())
     print(f"stage 0 check, one-object scenes: {summary}")
-    if reading["position"] < 0.6 or reading["shape"] < 0.6:
+    # Position only: runs that went on to read everything (the bundle) still had shape near chance here.
+    if reading["position"] < 0.6:
         print("warning: stage 0 did not learn to find the object among the vision tokens; stages 1-4 did not make "
               "up for that in past runs (README, eleventh run). Consider stopping and starting a new run folder "
               "with another --seed.")
