@@ -43,6 +43,7 @@ def test_each_stage_lowers_its_loss(setup, index):
     torch.manual_seed(index)
     model = WallarooModel(cfg)
     params = trainable_parameters(model, stage.trainable)
+    tower_before = {k: v.clone() for k, v in model.visual.state_dict().items()}
     trainer = TrainingModel(model).train()
     opt = torch.optim.AdamW(params, lr=2e-3)
     rng = random.Random(index)
@@ -63,6 +64,10 @@ def test_each_stage_lowers_its_loss(setup, index):
         assert not any(p.requires_grad for p in model.model.layers.parameters())
         assert not any(p.requires_grad for p in model.visual.parameters())
         assert all(p.requires_grad for p in model.gen_image_head.parameters())
+    tower_moved = any(not torch.equal(v, model.visual.state_dict()[k]) for k, v in tower_before.items())
+    # Stage 0 trains a fresh LLM to read the pretrained tower, which stays as it was (alignment leaves it too);
+    # stages 2-4 fine-tune it along with everything else.
+    assert tower_moved == (index >= 2), f"stage {stage.name}: tower moved {tower_moved}"
 
 
 @pytest.mark.parametrize("task", ["generate", "edit", "understand"])
