@@ -165,7 +165,12 @@ def test_edit_shows_before_and_after(app, page):
 
 def test_understand_answers(app, page):
     page.get_by_role("tab", name="Understand").click()
-    page.get_by_text(UNDERSTAND_EXAMPLES[0][1], exact=True).click()
+    example = UNDERSTAND_EXAMPLES[0][1]
+    page.get_by_text(example, exact=True).click()
+    # The example loads its image asynchronously; on a busy machine a click before it arrives asks about no
+    # image (a CI run under load waited 120 s for an answer that had never been requested).
+    expect(page.locator("#understand-question textarea")).to_have_value(example)
+    expect(page.locator("#understand-image img").first).to_be_visible(timeout=30_000)
     page.locator("#understand-run").click()
     deadline = time.monotonic() + 120
     while not any(r.task == "understand" and r.ended.is_set() for r in app[0].wallaroo.runs):
