@@ -167,8 +167,8 @@ def test_understand_answers(app, page):
     page.get_by_role("tab", name="Understand").click()
     example = UNDERSTAND_EXAMPLES[0][1]
     page.get_by_text(example, exact=True).click()
-    # The example loads its image asynchronously; on a busy machine a click before it arrives asks about no
-    # image (a CI run under load waited 120 s for an answer that had never been requested).
+    # The example fills the question and image asynchronously; on a busy machine a click before the question
+    # arrives is rejected as an empty question and no run starts (a CI run under load then waited 120 s).
     expect(page.locator("#understand-question textarea")).to_have_value(example)
     expect(page.locator("#understand-image img").first).to_be_visible(timeout=30_000)
     page.locator("#understand-run").click()
