@@ -144,10 +144,11 @@ def _start_positions(prep: PreparedBatch) -> torch.Tensor:
 def decode_image_codes(hf, model: WallarooModel, prep: PreparedBatch, *, rows: int, cols: int, kind: str,
                        cfg_scale: float, params: SamplingParams, generator: torch.Generator | None,
                        on_row: RowCallback | None = None, should_cancel: CancelCheck | None = None,
-                       on_prefill=None) -> torch.Tensor:
+                       on_prefill=None, source_codes: torch.Tensor | None = None) -> torch.Tensor:
     """The reference's image loop (`mar_t2i_generate` / `mar_i2i_generate`) on the transformers model.
 
-    Same contract as `wallaroo_nodes.engine.decode.decode_image_codes`: returns (n, rows, cols) codes.
+    Same contract as `wallaroo_nodes.engine.decode.decode_image_codes`: returns (n, rows, cols) codes
+    (`source_codes`: the tiny model's edit copy gate, which the reference does not have).
     """
     guided = cfg_scale != 1.0
     total = prep.embeds.shape[0]
@@ -169,6 +170,8 @@ def decode_image_codes(hf, model: WallarooModel, prep: PreparedBatch, *, rows: i
         if (i + 1) % (cols + 1) != 0:
             # A code position: the head over the whole last hidden state, guidance on the last position.
             logits = head(out.hidden_states[-1])[:, -1].float()
+            if source_codes is not None:
+                logits = model.add_source_copy(logits, out.hidden_states[-1][:, -1], source_codes[:, r * cols + c])
             if guided:
                 logits = guide(logits[:n], logits[n:], cfg_scale)
             code = sample(logits, params, generator)

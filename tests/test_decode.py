@@ -9,6 +9,7 @@ positions continuing from each row's own last prompt position + 1; guidance is u
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import numpy as np
 import pytest
@@ -100,7 +101,9 @@ def slow_forward_last(model, embeds, positions, valid, next_pos, fed):
 
 
 @torch.no_grad()
-def slow_image_codes(model, prompts, vision, pixels, rows, cols, kind, cfg_scale):
+def slow_image_codes(model, prompts, vision, pixels, rows, cols, kind, cfg_scale, source_codes=None):
+    """`source_codes` (B, rows * cols): with `edit_copy_source`, cell k's logits gain the copy gate's score on
+    the source's code of cell k (written here as a one-hot sum, not the engine's scatter)."""
     head = {"generate": model.gen_image_head, "edit": model.edit_image_head}[kind]
     adapter = {"generate": model.gen_input_adapter, "edit": model.edit_input_adapter}[kind]
     codebook = F.normalize(model.vq.quantize.embedding.weight, dim=-1)
@@ -111,7 +114,11 @@ def slow_image_codes(model, prompts, vision, pixels, rows, cols, kind, cfg_scale
     fed, codes = [], torch.empty(n, rows, cols, dtype=torch.long)
     for r in range(rows):
         for c in range(cols):
-            logits = head(slow_forward_last(model, embeds, positions, valid, next_pos, fed))
+            hidden = slow_forward_last(model, embeds, positions, valid, next_pos, fed)
+            logits = head(hidden)
+            if source_codes is not None:
+                copy = F.one_hot(source_codes[:, r * cols + c], logits.shape[-1]).to(logits.dtype)
+                logits = logits + model.edit_copy_gate(hidden) * copy
             if guided:
                 logits = logits[n:] + cfg_scale * (logits[:n] - logits[n:])
             code = logits.argmax(-1)
@@ -172,24 +179,44 @@ def test_guidance_changes_codes(env, recorded):
     assert not (torch.equal(recorded[0], recorded[1]) and torch.equal(recorded[0], recorded[2]))
 
 
-def test_edit_cached_equals_recomputed(env, recorded):
-    pipe, tok, model = env, env.tokenizer, env.model
+@pytest.fixture(scope="module")
+def copy_env(env):
+    """The same kind of model with the tiny model's copy path (`edit_copy_source`), its gate leaning to copy."""
+    cfg = dataclasses.replace(env.model.cfg, edit_copy_source=True)
+    model = randomize_(WallarooModel(cfg), seed=3, scale=0.7).eval().requires_grad_(False)
+    model.edit_copy_gate.bias.fill_(3.0)
+    return Pipeline(model, env.tokenizer)
+
+
+@pytest.mark.parametrize("copy", [False, True])
+def test_edit_cached_equals_recomputed(env, copy_env, recorded, copy):
+    pipe = copy_env if copy else env
+    tok, model = pipe.tokenizer, pipe.model
     src = source_image()  # 50x70 -> closest size 48x32 (h x w)
     out = pipe.edit(src, EDIT, cfg=2.0, temperature=0)
     size = images.closest_size(src.height, src.width, pipe.sizes)
     assert size == (48, 32)
     v = model.cfg.vision
-    prompts, vision, pixels = [], [], []
+    prompts, vision, pixels, sources = [], [], [], []
     for image, text in ((src, EDIT), (Image.new("RGB", src.size, (0, 0, 0)), "")):
         patches, grid = images.vision_inputs(image, v, v.edit_min_pixels, v.edit_max_pixels)
         with torch.no_grad():
             vision.append(model.vision_embeddings(patches, torch.tensor([grid])))
             pixels.append(model.pixel_embeddings(images.vq_input(image, size))[0])
+            sources.append(model.vq.encode(images.vq_input(image, size)).flatten())
         prompts.append(build_edit(tok, model.cfg, text, size, grid, lang="en"))
-    ref = slow_image_codes(model, prompts, vision, pixels, 3, 2, "edit", 2.0)
+    source_codes = torch.stack(sources) if copy else None
+    ref = slow_image_codes(model, prompts, vision, pixels, 3, 2, "edit", 2.0, source_codes)
     assert len(set(ref.flatten().tolist())) > 2
     assert torch.equal(recorded[-1].cpu(), ref)
     assert same_images(out, vq_images(model, ref))
+    if copy:
+        # The copy path is used: without it the same weights decode other codes, and with it more cells
+        # take the source's code.
+        plain = slow_image_codes(model, prompts, vision, pixels, 3, 2, "edit", 2.0)
+        assert not torch.equal(plain, ref)
+        kept = lambda codes: int((codes.flatten() == sources[0]).sum())
+        assert kept(ref) > kept(plain)
 
 
 def test_understand_cached_equals_recomputed(env):

@@ -164,3 +164,42 @@ def test_transformers_baseline_names_the_tiny_models_extra_table(tmp_path):
     cfg = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, abs_position_grid=4))
     with pytest.raises(BaselineUnavailable, match="abs_position_grid"):
         build_hf_twin(WallarooModel(cfg))
+
+
+def test_transformers_baseline_decodes_the_copy_gate_like_ours(tmp_path, monkeypatch):
+    """A model with the tiny model's edit copy gate edits to the same codes through the baseline's loop."""
+    pytest.importorskip("transformers", reason="transformers (a test dependency) is not installed")
+    import dataclasses
+
+    from PIL import Image
+
+    from bench import hf_baseline
+
+    tok_path, cfg = make_tokenizer_and_config(tmp_path)
+    model = randomize_(WallarooModel(dataclasses.replace(cfg, edit_copy_source=True)), seed=3, scale=0.7)
+    model = model.eval().requires_grad_(False)
+    model.edit_copy_gate.bias.fill_(3.0)
+    pipe = Pipeline(model, TextTokenizer(tok_path, cfg.tokens))
+    hf = hf_baseline.build_hf_twin(model)
+    real = pipeline_module.decode_image_codes
+    runs = {}
+
+    def engine(name):
+        def loop(m, prep, **kw):
+            assert kw.get("source_codes") is not None, "the pipeline must hand the edit's source codes to the loop"
+            runs[name] = real(m, prep, **kw) if name == "ours" else hf_baseline.decode_image_codes(hf, m, prep, **kw)
+            return runs[name]
+        return loop
+
+    import numpy as np
+
+    source = Image.fromarray(np.random.default_rng(0).integers(0, 256, (70, 50, 3), dtype=np.uint8))
+    for name in ("ours", "transformers"):
+        monkeypatch.setattr(pipeline_module, "decode_image_codes", engine(name))
+        pipe.edit(source, "make it blue", cfg=2.0, temperature=0)
+    assert torch.equal(runs["ours"], runs["transformers"])
+    # The copy must change these codes, or the comparison above proves nothing about it.
+    model.edit_copy_gate.bias.fill_(0.0)
+    monkeypatch.setattr(pipeline_module, "decode_image_codes", engine("ours"))
+    pipe.edit(source, "make it blue", cfg=2.0, temperature=0)
+    assert not torch.equal(runs["ours"], runs["transformers"])

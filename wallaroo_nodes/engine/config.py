@@ -197,6 +197,12 @@ class WallarooConfig:
     tokens: dict[str, int] = field(default_factory=dict)
     # Whether the edit heads/adapters exist (the official model has them).
     has_edit: bool = True
+    # Tiny-model option, off for the official model: a learned gate on each edit step's hidden state adds a
+    # score to the logit of the code the edit source has at that very cell (a copy path, as in
+    # pointer-generator networks). Through the prompt's pixel block alone a small LLM must find "the same
+    # cell in the source" at an offset that changes with the instruction's length; on flat backgrounds it did
+    # not, and decoded edits dropped the objects they should have kept (README, thirteenth run).
+    edit_copy_source: bool = False
     # dtype the weights were saved in (informational; loading casts to the requested dtype).
     weights_dtype: str = "bfloat16"
 
@@ -207,6 +213,8 @@ class WallarooConfig:
         self.vq.validate()
         if self.vision.out_hidden_size != self.llm.hidden_size:
             raise ConfigError(f"vision.out_hidden_size {self.vision.out_hidden_size} != llm.hidden_size {self.llm.hidden_size}")
+        if self.edit_copy_source and not self.has_edit:
+            raise ConfigError("edit_copy_source needs has_edit (it feeds the editing head)")
         missing = [t for t in REQUIRED_TOKENS if t not in self.tokens]
         if missing:
             raise ConfigError(f"config tokens table lacks {missing}")

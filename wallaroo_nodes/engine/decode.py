@@ -119,12 +119,14 @@ def _next_positions(prep: PreparedBatch) -> torch.Tensor:
 def decode_image_codes(model: WallarooModel, prep: PreparedBatch, *, rows: int, cols: int, kind: str,
                        cfg_scale: float, params: SamplingParams, generator: torch.Generator | None,
                        on_row: RowCallback | None = None, should_cancel: CancelCheck | None = None,
-                       compiled: CompiledDecoder | None = None, kernel: str = "auto") -> torch.Tensor:
+                       compiled: CompiledDecoder | None = None, kernel: str = "auto",
+                       source_codes: torch.Tensor | None = None) -> torch.Tensor:
     """Sample a rows x cols grid of VQ codes for each conditional row.
 
     With guidance (cfg_scale != 1) the batch holds n conditional rows then n unconditional rows; otherwise
     it holds n conditional rows. The sequence is row 0 codes, EOL, row 1 codes, EOL, ... (no EOL after the
-    last row). Returns (n, rows, cols) int64.
+    last row). `source_codes` (B, rows * cols), for models with `edit_copy_source`: the edit source's code of
+    each cell, which the copy gate scores at that cell. Returns (n, rows, cols) int64.
     """
     guided = cfg_scale != 1.0
     total, prompt_len, dim = prep.embeds.shape
@@ -140,6 +142,8 @@ def decode_image_codes(model: WallarooModel, prep: PreparedBatch, *, rows: int, 
     one = torch.empty(total, 1, dim, dtype=model.dtype, device=device)
     two = torch.empty(total, 2, dim, dtype=model.dtype, device=device)
     two[:, 1] = model.embed_tokens(torch.tensor([eol_id], device=device))
+    if source_codes is not None and source_codes.shape != (total, rows * cols):
+        raise ValueError(f"source_codes must be {(total, rows * cols)}, got {tuple(source_codes.shape)}")
     groups = total // n  # the code of conditional row i is fed to row i of each group (CFG: both branches)
     one_code, two_code = one[:, 0].unflatten(0, (groups, n)), two[:, 0].unflatten(0, (groups, n))
     codes = torch.empty(n, rows, cols, dtype=torch.long, device=device)
@@ -151,6 +155,8 @@ def decode_image_codes(model: WallarooModel, prep: PreparedBatch, *, rows: int, 
         for r in range(rows):
             for c in range(cols):
                 logits = head(hidden).float()
+                if source_codes is not None:
+                    logits = model.add_source_copy(logits, hidden, source_codes[:, r * cols + c])
                 if guided:
                     logits = guide(logits[:n], logits[n:], cfg_scale)
                 code = sample(logits, params, generator)

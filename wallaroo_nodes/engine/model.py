@@ -42,6 +42,8 @@ class WallarooModel(nn.Module):
             self.edit_image_head = _mlp(d, d, codes, last_bias=False)
             self.edit_input_adapter = _mlp(code_dim, d, d)
             self.pixel_adapter = _mlp(code_dim, d, d)
+            if cfg.edit_copy_source:
+                self.edit_copy_gate = nn.Linear(d, 1)
         # Rotary tables are plain attributes, not buffers: `.to(bf16)` would round the frequencies.
         self._rope: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         self.attention_backend = "sdpa"
@@ -98,6 +100,11 @@ class WallarooModel(nn.Module):
         """Edit-source pixel features: (B, 3, H, W) in [-1, 1] -> (B, h*w, D) through the pixel adapter."""
         z = self.vq.encode_features(vq_pixels.to(self.vq_dtype))
         return self.pixel_adapter(z.flatten(1, 2).to(self.dtype))
+
+    def add_source_copy(self, logits: torch.Tensor, hidden: torch.Tensor, source_codes: torch.Tensor) -> torch.Tensor:
+        """Edit logits (N, codes) plus the copy gate's score (from hidden (N, D)) on each row's source code (N,)."""
+        gate = self.edit_copy_gate(hidden.to(self.edit_copy_gate.weight.dtype)).to(logits.dtype)
+        return logits.scatter_add(-1, source_codes.unsqueeze(-1), gate)
 
     @property
     def vq_dtype(self) -> torch.dtype:

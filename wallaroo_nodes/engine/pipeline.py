@@ -116,7 +116,7 @@ class Pipeline:
 
     def _image_run(self, kind: str, prep: PreparedBatch, size: tuple[int, int], cfg: float,
                    params: SamplingParams, seed: int | None, on_row: RowCallback | None,
-                   should_cancel: CancelCheck | None) -> list[Image.Image]:
+                   should_cancel: CancelCheck | None, source_codes: torch.Tensor | None = None) -> list[Image.Image]:
         ds = self.config.vq.downsample
         rows, cols = size[0] // ds, size[1] // ds
 
@@ -136,9 +136,10 @@ class Pipeline:
 
             on_row(RowProgress(done, rows, preview))
 
+        extra = {} if source_codes is None else {"source_codes": source_codes}  # old-signature wrappers keep working
         codes = decode_image_codes(self.model, prep, rows=rows, cols=cols, kind=kind, cfg_scale=cfg, params=params,
                                    generator=_generator(seed, self.model.device), on_row=row_done,
-                                   should_cancel=should_cancel, **self._decode_options())
+                                   should_cancel=should_cancel, **self._decode_options(), **extra)
         return self._decode_codes(codes)
 
     def _decode_options(self) -> dict:
@@ -256,14 +257,19 @@ class Pipeline:
             # The unconditional branch: a black image of the same size and no instruction (as the reference).
             rows += [(Image.new("RGB", src.size, (0, 0, 0)), "") for src, _ in zip(loaded, instructions)]
         langs = [language_of(t) for t in instructions] * (2 if scale != 1.0 else 1)
-        prompts, vision, pixels = [], [], []
+        prompts, vision, pixels, source_codes = [], [], [], []
+        copy = self.config.edit_copy_source
         for (src, text), lang in zip(rows, langs):
             feats, grid = self._vision(src, v.edit_min_pixels, v.edit_max_pixels)
+            vq_pixels = images.vq_input(src, size).to(self.model.device)
             with torch.inference_mode():
-                px = self.model.pixel_embeddings(images.vq_input(src, size).to(self.model.device))[0]
+                px = self.model.pixel_embeddings(vq_pixels)[0]
+                if copy:
+                    source_codes += [self.model.vq.encode(vq_pixels.to(self.model.vq_dtype)).flatten()] * n
             p = build_edit(self.tokenizer, self.config, text, size, grid, lang=lang)
             prompts += [p] * n
             vision += [feats] * n
             pixels += [px] * n
         prep = self._prepare(prompts, vision, pixels)
-        return self._image_run("edit", prep, size, scale, params, seed, on_row, should_cancel)
+        return self._image_run("edit", prep, size, scale, params, seed, on_row, should_cancel,
+                               torch.stack(source_codes) if copy else None)
