@@ -258,3 +258,28 @@ def test_vision_pretraining_learns_to_parse_scenes_and_resumes(setup, tmp_path):
     before = {k: v.clone() for k, v in tower.state_dict().items()}
     pretrain_vision(tower, 60, tmp_path, 0, torch.device("cpu"), batch_size=8, log=lambda line: None)
     assert all(torch.equal(before[k], v) for k, v in tower.state_dict().items())
+
+
+def test_edit_copy_gate_scores_each_cells_source_code(setup):
+    """Training's edit logits equal the head's plus the gate's score on the source code of the same cell."""
+    tok, cfg = setup
+    assert cfg.edit_copy_source
+    torch.manual_seed(0)
+    model = WallarooModel(cfg).eval()
+    copy_generation_into_edit(model)
+    ex = make_example("edit", random.Random(4), tok, cfg, [(64, 64)], uncond_prob=0.0)
+    batch = collate([ex], cfg)
+    head_out, losses = [], []
+    model.edit_image_head.register_forward_hook(lambda mod, inp, out: head_out.append(out.detach().float()))
+    with torch.no_grad():
+        source = model.vq.encode(batch.pixel_sources)[0].flatten()
+        target = model.vq.encode(batch.target_images)[0].flatten()
+        for gate in (0.0, 4.0):
+            model.edit_copy_gate.bias.fill_(gate)
+            losses.append(TrainingModel(model)(batch)[1]["image"])
+    assert (source != target).any() and (source == target).any()
+    # Recompute the copy-gated loss from the head's own logits (the gate's weight starts at zero).
+    logits = head_out[-1] + 4.0 * torch.nn.functional.one_hot(source, head_out[-1].shape[-1])
+    assert losses[1] == pytest.approx(torch.nn.functional.cross_entropy(logits, target).item(), rel=1e-4)
+    assert losses[0] == pytest.approx(torch.nn.functional.cross_entropy(head_out[0], target).item(), rel=1e-4)
+

@@ -105,7 +105,7 @@ def tiny_model_config(tokens: dict[str, int], vocab_size: int) -> WallarooConfig
         # two-object 0.195 -> 0.30; edits were best near greedy and without guidance (0.04 -> 0.13).
         sampling=SamplingDefaults(generate_cfg=1.5, generate_temperature=0.5, generate_top_k=50, edit_cfg=1.0,
                                   edit_temperature=0.2, edit_top_k=50, understand_max_new_tokens=48),
-        tokens=tokens, has_edit=True, weights_dtype="float32")
+        tokens=tokens, has_edit=True, edit_copy_source=True, weights_dtype="float32")
     cfg.validate()
     return cfg
 
@@ -146,9 +146,13 @@ class TrainingModel(nn.Module):
         if batch.vision_index is not None:
             feats = m.visual(batch.vision_patches.to(dev), batch.vision_grids.to(dev))
             flat = flat.index_copy(0, batch.vision_index.to(dev), feats.to(flat.dtype))
+        source_codes = None
         if batch.pixel_index is not None:
             with torch.no_grad():
                 z = m.vq.encode_features(batch.pixel_sources.to(dev))
+                if m.cfg.edit_copy_source:
+                    # Source and target share the canvas, so source cell k lines up with target code k.
+                    source_codes = m.vq.quantize_features(z).flatten()
             flat = flat.index_copy(0, batch.pixel_index.to(dev), m.pixel_adapter(z.flatten(0, 2)))
         codes = None
         if batch.code_input_index is not None:
@@ -165,7 +169,10 @@ class TrainingModel(nn.Module):
             loss = loss + text_loss
             parts["text"] = text_loss.item()
         if codes is not None:
-            logits = m.image_head(kind)(hidden[batch.code_target_index.to(dev)])
+            at_targets = hidden[batch.code_target_index.to(dev)]
+            logits = m.image_head(kind)(at_targets)
+            if kind == "edit" and m.cfg.edit_copy_source:
+                logits = m.add_source_copy(logits.float(), at_targets, source_codes)
             image_loss = F.cross_entropy(logits.float(), codes)
             loss = loss + image_loss
             parts["image"] = image_loss.item()
@@ -217,6 +224,8 @@ def trainable_parameters(model: WallarooModel, mode: str) -> list[nn.Parameter]:
     else:
         parts = [model.model, model.lm_head, model.gen_image_head, model.gen_input_adapter,
                  model.edit_image_head, model.edit_input_adapter, model.pixel_adapter]
+        if model.cfg.edit_copy_source:
+            parts.append(model.edit_copy_gate)
         if mode == "all":
             parts.append(model.visual)
     for p in parts:
@@ -300,6 +309,7 @@ def train_vq(cfg: VQConfig, steps: int, out: Path, seed: int, device: torch.devi
 RESET_EVERY = 20
 # This deep GroupNorm conv net diverges or stalls at 2e-3 on the shapes world; 4e-4 learns ~5x faster.
 VQ_LR = 4e-4
+COPY_GATE_START = 2.0  # nats added to the source code's logit before stage 4 trains the gate
 
 
 @torch.no_grad()
@@ -332,6 +342,11 @@ def copy_generation_into_edit(model: WallarooModel) -> None:
     model.edit_image_head.load_state_dict(model.gen_image_head.state_dict())
     model.edit_input_adapter.load_state_dict(model.gen_input_adapter.state_dict())
     model.pixel_adapter.load_state_dict(model.gen_input_adapter.state_dict())
+    if model.cfg.edit_copy_source:
+        # The gate starts as a constant lean towards the source's code: an edit keeps most cells, and the
+        # model learns from the instruction where to override it.
+        nn.init.zeros_(model.edit_copy_gate.weight)
+        nn.init.constant_(model.edit_copy_gate.bias, COPY_GATE_START)
 
 
 def run_stage(index: int, stage: Stage, model: WallarooModel, tok: TextTokenizer, out: Path, seed: int,
@@ -350,7 +365,7 @@ def run_stage(index: int, stage: Stage, model: WallarooModel, tok: TextTokenizer
     start = 0
     if ckpt.exists():
         state = torch.load(ckpt, map_location=device, weights_only=True)
-        model.load_state_dict(state["model"])
+        load_training_state(model, state["model"])
         opt.load_state_dict(state["optimizer"])
         start = state["step"]
     elif stage.edit_from_generation:
@@ -407,6 +422,15 @@ def run_stage(index: int, stage: Stage, model: WallarooModel, tok: TextTokenizer
     model.eval()
 
 
+def load_training_state(model: WallarooModel, state: dict[str, torch.Tensor]) -> None:
+    """Load a run folder's weights strictly, except that checkpoints from before `edit_copy_gate` existed may
+    lack it (stage 4 initialises it; stages 0-3 never use it)."""
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith("edit_copy_gate.")]
+    if missing or unexpected:
+        raise RuntimeError(f"checkpoint does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+
 def build_or_resume(out: Path, seed: int, device: torch.device, rank: int) -> tuple[WallarooModel, TextTokenizer]:
     """Tokenizer (trained once), then the model, initialised from the last finished stage if any."""
     tok_path = out / "tokenizer.json"
@@ -425,7 +449,7 @@ def build_or_resume(out: Path, seed: int, device: torch.device, rank: int) -> tu
     _init_weights(model)
     latest = out / "latest_model.pt"
     if latest.exists():
-        model.load_state_dict(torch.load(latest, map_location=device, weights_only=True)["model"])
+        load_training_state(model, torch.load(latest, map_location=device, weights_only=True)["model"])
     return model, TextTokenizer(tok_path, cfg.tokens)
 
 
