@@ -171,6 +171,7 @@ def test_transformers_baseline_decodes_the_copy_gate_like_ours(tmp_path, monkeyp
     pytest.importorskip("transformers", reason="transformers (a test dependency) is not installed")
     import dataclasses
 
+    import numpy as np
     from PIL import Image
 
     from bench import hf_baseline
@@ -190,8 +191,6 @@ def test_transformers_baseline_decodes_the_copy_gate_like_ours(tmp_path, monkeyp
             runs[name] = real(m, prep, **kw) if name == "ours" else hf_baseline.decode_image_codes(hf, m, prep, **kw)
             return runs[name]
         return loop
-
-    import numpy as np
 
     source = Image.fromarray(np.random.default_rng(0).integers(0, 256, (70, 50, 3), dtype=np.uint8))
     for name in ("ours", "transformers"):

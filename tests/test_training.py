@@ -282,4 +282,3 @@ def test_edit_copy_gate_scores_each_cells_source_code(setup):
     logits = head_out[-1] + 4.0 * torch.nn.functional.one_hot(source, head_out[-1].shape[-1])
     assert losses[1] == pytest.approx(torch.nn.functional.cross_entropy(logits, target).item(), rel=1e-4)
     assert losses[0] == pytest.approx(torch.nn.functional.cross_entropy(head_out[0], target).item(), rel=1e-4)
-

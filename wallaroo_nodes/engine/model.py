@@ -98,7 +98,10 @@ class WallarooModel(nn.Module):
 
     def pixel_embeddings(self, vq_pixels: torch.Tensor) -> torch.Tensor:
         """Edit-source pixel features: (B, 3, H, W) in [-1, 1] -> (B, h*w, D) through the pixel adapter."""
-        z = self.vq.encode_features(vq_pixels.to(self.vq_dtype))
+        return self.pixel_embeddings_from_latents(self.vq.encode_features(vq_pixels.to(self.vq_dtype)))
+
+    def pixel_embeddings_from_latents(self, z: torch.Tensor) -> torch.Tensor:
+        """Edit-source VQ latents (B, h, w, C) -> (B, h*w, D) through the pixel adapter."""
         return self.pixel_adapter(z.flatten(1, 2).to(self.dtype))
 
     def add_source_copy(self, logits: torch.Tensor, hidden: torch.Tensor, source_codes: torch.Tensor) -> torch.Tensor:

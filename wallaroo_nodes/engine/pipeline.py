@@ -263,9 +263,11 @@ class Pipeline:
             feats, grid = self._vision(src, v.edit_min_pixels, v.edit_max_pixels)
             vq_pixels = images.vq_input(src, size).to(self.model.device)
             with torch.inference_mode():
-                px = self.model.pixel_embeddings(vq_pixels)[0]
+                # One VQ encode serves both the pixel block and, with the copy gate, the source's codes.
+                z = self.model.vq.encode_features(vq_pixels.to(self.model.vq_dtype))
+                px = self.model.pixel_embeddings_from_latents(z)[0]
                 if copy:
-                    source_codes += [self.model.vq.encode(vq_pixels.to(self.model.vq_dtype)).flatten()] * n
+                    source_codes += [self.model.vq.quantize_features(z).flatten()] * n
             p = build_edit(self.tokenizer, self.config, text, size, grid, lang=lang)
             prompts += [p] * n
             vision += [feats] * n
