@@ -12,6 +12,7 @@ from wallaroo_nodes.engine.text import TextTokenizer
 from wallaroo_nodes.engine.weights import load_model
 from wallaroo_nodes.train.data import collate, make_example
 from wallaroo_nodes.train.recipe import (Stage, TrainingModel, copy_generation_into_edit, default_stages, main,
+                                         object_start_cells,
                                          run_stage, step_context, tiny_model_config, trainable_parameters)
 from wallaroo_nodes.train.tokenizer import train_tokenizer
 from wallaroo_nodes.engine.config import ProtocolConfig
@@ -282,3 +283,37 @@ def test_edit_copy_gate_scores_each_cells_source_code(setup):
     logits = head_out[-1] + 4.0 * torch.nn.functional.one_hot(source, head_out[-1].shape[-1])
     assert losses[1] == pytest.approx(torch.nn.functional.cross_entropy(logits, target).item(), rel=1e-4)
     assert losses[0] == pytest.approx(torch.nn.functional.cross_entropy(head_out[0], target).item(), rel=1e-4)
+
+
+def test_object_start_cells_mark_where_each_object_begins_in_raster_order():
+    # Hand-made code grids: background code 0, an object of codes 3/4 spanning two rows, and a diagonal
+    # continuation (5) that belongs to the same object; a second object (7) starts apart from the first.
+    codes = torch.zeros(1, 4, 6, dtype=torch.long)
+    codes[0, 1, 2:4] = 3
+    codes[0, 2, 1:4] = 4
+    codes[0, 3, 4] = 5
+    codes[0, 0, 5] = 7
+    starts = object_start_cells(codes)[0]
+    assert starts.nonzero().tolist() == [[0, 5], [1, 2]]
+    assert not object_start_cells(torch.full((2, 3, 3), 9))[0].any()  # a flat background has none
+
+
+def test_first_cell_weight_scales_only_the_generation_start_cells_loss(setup):
+    """With a first-cell weight the image loss is the weighted mean over cells; 1.0 leaves the plain mean."""
+    tok, cfg = setup
+    torch.manual_seed(0)
+    model = WallarooModel(cfg).eval()
+    batch = collate([make_example("generate", random.Random(i), tok, cfg, [(64, 64)], uncond_prob=0.0)
+                     for i in range(3)], cfg)
+    head_out = []
+    model.gen_image_head.register_forward_hook(lambda mod, inp, out: head_out.append(out.detach().float()))
+    with torch.no_grad():
+        grid = model.vq.encode(batch.target_images)
+        plain = TrainingModel(model)(batch)[1]["image"]
+        weighted = TrainingModel(model, first_cell_weight=5.0)(batch)[1]["image"]
+    starts = object_start_cells(grid).flatten()
+    assert 3 <= int(starts.sum()) <= 6  # one or two objects per scene
+    per_cell = torch.nn.functional.cross_entropy(head_out[-1], grid.flatten(), reduction="none")
+    w = 1.0 + 4.0 * starts.float()
+    assert plain == pytest.approx(per_cell.mean().item(), rel=1e-4)
+    assert weighted == pytest.approx(((w * per_cell).sum() / w.sum()).item(), rel=1e-4)

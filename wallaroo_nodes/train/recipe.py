@@ -38,6 +38,7 @@ from .vision_pretrain import pretrain_vision
 ALL_CANVASES = [tuple(c) for c in CANVAS_SIZES]
 VISION_STEPS = 1500  # scene-parsing steps before stage 0 (vision_pretrain.py says why)
 SQUARE = [(64, 64)]
+FIRST_CELL_WEIGHT = 4.0
 
 
 @dataclass
@@ -60,6 +61,9 @@ class Stage:
     # Start the editing head and adapters as copies of generation's (they predict and embed the same VQ codes)
     # instead of from random weights.
     edit_from_generation: bool = False
+    # Loss weight of the cell where each object starts in a generated image (first in raster order): the one
+    # cell that must read the caption's colour, shape and size; every later object cell copies its neighbours.
+    first_cell_weight: float = 1.0
 
 
 def default_stages(scale: float = 1.0) -> list[Stage]:
@@ -74,11 +78,14 @@ def default_stages(scale: float = 1.0) -> list[Stage]:
         # long before two-object ones do (probes from the stage-1 weights; README). So stage 2 is long, mostly
         # generation, with three quarters of its scenes one-object; stage 3 brings the second object and the
         # other canvases.
+        # From stage 2 on, the cell where each generated object starts weighs 4x in the image loss: the one cell
+        # that must read the caption (Stage.first_cell_weight; nineteenth and twentieth runs, README).
         Stage("2-joint-pretrain", n(2600), 1e-3, {"generate": 0.85, "understand": 0.15}, SQUARE,
-              gen_objects=(1, 1, 1, 2)),
-        Stage("3-multi-resolution", n(2400), 7e-4, {"generate": 0.8, "understand": 0.2}, ALL_CANVASES),
+              gen_objects=(1, 1, 1, 2), first_cell_weight=FIRST_CELL_WEIGHT),
+        Stage("3-multi-resolution", n(2400), 7e-4, {"generate": 0.8, "understand": 0.2}, ALL_CANVASES,
+              first_cell_weight=FIRST_CELL_WEIGHT),
         Stage("4-unified-finetune", n(1800), 5e-4, {"generate": 0.35, "understand": 0.2, "edit": 0.45}, ALL_CANVASES,
-              edit_from_generation=True),
+              edit_from_generation=True, first_cell_weight=FIRST_CELL_WEIGHT),
     ]
 
 
@@ -130,12 +137,24 @@ def _device(rank: int) -> torch.device:
 
 # --- the model with its training losses -----------------------------------------------------------
 
+def object_start_cells(codes: torch.Tensor) -> torch.Tensor:
+    """(B, rows, cols) bool: object cells (code differs from the top-left background cell's) with no object
+    cell to their left, upper left, above or upper right, i.e. where each object begins in raster order."""
+    obj = codes != codes[:, :1, :1]
+    padded = F.pad(obj, (1, 1, 1, 0))  # one column each side, one row on top, all False
+    rows, cols = obj.shape[1:]
+    before = (padded[:, 1:, :cols] | padded[:, :rows, :cols] | padded[:, :rows, 1:cols + 1]
+              | padded[:, :rows, 2:])
+    return obj & ~before
+
+
 class TrainingModel(nn.Module):
     """Wraps WallarooModel so one forward returns the summed text + image losses (DDP needs a forward)."""
 
-    def __init__(self, model: WallarooModel):
+    def __init__(self, model: WallarooModel, first_cell_weight: float = 1.0):
         super().__init__()
         self.model = model
+        self.first_cell_weight = first_cell_weight
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         m, dev = self.model, self.model.device
@@ -154,10 +173,13 @@ class TrainingModel(nn.Module):
                     # Source and target share the canvas, so source cell k lines up with target code k.
                     source_codes = m.vq.quantize_features(z).flatten()
             flat = flat.index_copy(0, batch.pixel_index.to(dev), m.pixel_adapter(z.flatten(0, 2)))
-        codes = None
+        codes = weights = None
         if batch.code_input_index is not None:
             with torch.no_grad():
-                codes = m.vq.encode(batch.target_images.to(dev)).flatten()
+                grid = m.vq.encode(batch.target_images.to(dev))
+                codes = grid.flatten()
+                if kind == "generate" and self.first_cell_weight != 1.0:
+                    weights = 1.0 + (self.first_cell_weight - 1.0) * object_start_cells(grid).flatten().float()
             fed = m.input_adapter(kind)(m.vq.codebook_entries(codes))
             flat = flat.index_copy(0, batch.code_input_index.to(dev), fed)
         hidden = m(flat.view(b, length, d), batch.position_ids.to(dev), batch.valid.to(dev)).reshape(b * length, d)
@@ -173,7 +195,11 @@ class TrainingModel(nn.Module):
             logits = m.image_head(kind)(at_targets)
             if kind == "edit" and m.cfg.edit_copy_source:
                 logits = m.add_source_copy(logits.float(), at_targets, source_codes)
-            image_loss = F.cross_entropy(logits.float(), codes)
+            if weights is None:
+                image_loss = F.cross_entropy(logits.float(), codes)
+            else:
+                per_cell = F.cross_entropy(logits.float(), codes, reduction="none")
+                image_loss = (weights * per_cell).sum() / weights.sum()
             loss = loss + image_loss
             parts["image"] = image_loss.item()
         return loss, parts
@@ -370,7 +396,7 @@ def run_stage(index: int, stage: Stage, model: WallarooModel, tok: TextTokenizer
         start = state["step"]
     elif stage.edit_from_generation:
         copy_generation_into_edit(model)
-    trainer: nn.Module = TrainingModel(model)
+    trainer: nn.Module = TrainingModel(model, stage.first_cell_weight)
     if world > 1:
         trainer = nn.parallel.DistributedDataParallel(trainer, find_unused_parameters=True)
     model.train()
