@@ -195,11 +195,8 @@ class TrainingModel(nn.Module):
             logits = m.image_head(kind)(at_targets)
             if kind == "edit" and m.cfg.edit_copy_source:
                 logits = m.add_source_copy(logits.float(), at_targets, source_codes)
-            if weights is None:
-                image_loss = F.cross_entropy(logits.float(), codes)
-            else:
-                per_cell = F.cross_entropy(logits.float(), codes, reduction="none")
-                image_loss = (weights * per_cell).sum() / weights.sum()
+            per_cell = F.cross_entropy(logits.float(), codes, reduction="none")
+            image_loss = per_cell.mean() if weights is None else (weights * per_cell).sum() / weights.sum()
             loss = loss + image_loss
             parts["image"] = image_loss.item()
         return loss, parts
