@@ -12,7 +12,7 @@ from wallaroo_nodes.engine.text import TextTokenizer
 from wallaroo_nodes.engine.weights import load_model
 from wallaroo_nodes.train.data import collate, make_example
 from wallaroo_nodes.train.recipe import (Stage, TrainingModel, copy_generation_into_edit, default_stages, main,
-                                         object_start_cells,
+                                         object_start_cells, region_start_cells,
                                          run_stage, step_context, tiny_model_config, trainable_parameters)
 from wallaroo_nodes.train.tokenizer import train_tokenizer
 from wallaroo_nodes.engine.config import ProtocolConfig
@@ -317,3 +317,33 @@ def test_first_cell_weight_scales_only_the_generation_start_cells_loss(setup):
     w = 1.0 + 4.0 * starts.float()
     assert plain == pytest.approx(per_cell.mean().item(), rel=1e-4)
     assert weighted == pytest.approx(((w * per_cell).sum() / w.sum()).item(), rel=1e-4)
+
+
+def test_edit_start_cells_weigh_target_objects_and_where_each_change_begins(setup):
+    """Edits weigh each target object's first cell, and with "objects+changes" also the first cell of each
+    region whose target code differs from the source's; "none" leaves edits on the plain mean."""
+    tok, cfg = setup
+    torch.manual_seed(0)
+    model = WallarooModel(cfg).eval()
+    copy_generation_into_edit(model)
+    model.edit_copy_gate.bias.data.fill_(0.0)  # weight starts at zero: logits are the head's own
+    batch = collate([make_example("edit", random.Random(i), tok, cfg, [(64, 64)], uncond_prob=0.0)
+                     for i in range(4)], cfg)
+    head_out = []
+    model.edit_image_head.register_forward_hook(lambda mod, inp, out: head_out.append(out.detach().float()))
+    losses = {}
+    with torch.no_grad():
+        source = model.vq.encode(batch.pixel_sources)
+        target = model.vq.encode(batch.target_images)
+        for mode in ("none", "objects", "objects+changes"):
+            losses[mode] = TrainingModel(model, 5.0, mode)(batch)[1]["image"]
+    per_cell = torch.nn.functional.cross_entropy(head_out[-1], target.flatten(), reduction="none")
+    objects = object_start_cells(target)
+    changes = region_start_cells(target != source)
+    assert changes.any() and (changes & ~objects).any()  # e.g. where a removed or moved object used to be
+    for mode, starts in (("objects", objects), ("objects+changes", objects | changes)):
+        w = 1.0 + 4.0 * starts.flatten().float()
+        assert losses[mode] == pytest.approx(((w * per_cell).sum() / w.sum()).item(), rel=1e-4)
+    assert losses["none"] == pytest.approx(per_cell.mean().item(), rel=1e-4)
+    with pytest.raises(ValueError, match="edit_start_cells"):
+        TrainingModel(model, 5.0, "changes")

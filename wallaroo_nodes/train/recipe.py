@@ -64,6 +64,9 @@ class Stage:
     # Loss weight of the cell where each object starts in a generated image (first in raster order): the one
     # cell that must read the caption's colour, shape and size; every later object cell copies its neighbours.
     first_cell_weight: float = 1.0
+    # Whether edits weigh start cells too: "none", "objects" (each target object's first cell) or
+    # "objects+changes" (also the first cell of each region where the target's code differs from the source's).
+    edit_start_cells: str = "none"
 
 
 def default_stages(scale: float = 1.0) -> list[Stage]:
@@ -84,8 +87,9 @@ def default_stages(scale: float = 1.0) -> list[Stage]:
               gen_objects=(1, 1, 1, 2), first_cell_weight=FIRST_CELL_WEIGHT),
         Stage("3-multi-resolution", n(2400), 7e-4, {"generate": 0.8, "understand": 0.2}, ALL_CANVASES,
               first_cell_weight=FIRST_CELL_WEIGHT),
+        # Edits weigh the same start cells, and also where each change begins (twenty-first run, README).
         Stage("4-unified-finetune", n(1800), 5e-4, {"generate": 0.35, "understand": 0.2, "edit": 0.45}, ALL_CANVASES,
-              edit_from_generation=True, first_cell_weight=FIRST_CELL_WEIGHT),
+              edit_from_generation=True, first_cell_weight=FIRST_CELL_WEIGHT, edit_start_cells="objects+changes"),
     ]
 
 
@@ -137,24 +141,32 @@ def _device(rank: int) -> torch.device:
 
 # --- the model with its training losses -----------------------------------------------------------
 
-def object_start_cells(codes: torch.Tensor) -> torch.Tensor:
-    """(B, rows, cols) bool: object cells (code differs from the top-left background cell's) with no object
-    cell to their left, upper left, above or upper right, i.e. where each object begins in raster order."""
-    obj = codes != codes[:, :1, :1]
-    padded = F.pad(obj, (1, 1, 1, 0))  # one column each side, one row on top, all False
-    rows, cols = obj.shape[1:]
+def region_start_cells(mask: torch.Tensor) -> torch.Tensor:
+    """(B, rows, cols) bool: cells of `mask` with no `mask` cell to their left, upper left, above or upper
+    right, i.e. where each region of the mask begins in raster order."""
+    padded = F.pad(mask, (1, 1, 1, 0))  # one column each side, one row on top, all False
+    rows, cols = mask.shape[1:]
     before = (padded[:, 1:, :cols] | padded[:, :rows, :cols] | padded[:, :rows, 1:cols + 1]
               | padded[:, :rows, 2:])
-    return obj & ~before
+    return mask & ~before
+
+
+def object_start_cells(codes: torch.Tensor) -> torch.Tensor:
+    """(B, rows, cols) bool: where each object (cells whose code differs from the top-left background cell's)
+    begins in raster order."""
+    return region_start_cells(codes != codes[:, :1, :1])
 
 
 class TrainingModel(nn.Module):
     """Wraps WallarooModel so one forward returns the summed text + image losses (DDP needs a forward)."""
 
-    def __init__(self, model: WallarooModel, first_cell_weight: float = 1.0):
+    def __init__(self, model: WallarooModel, first_cell_weight: float = 1.0, edit_start_cells: str = "none"):
         super().__init__()
+        if edit_start_cells not in ("none", "objects", "objects+changes"):
+            raise ValueError(f"unknown edit_start_cells {edit_start_cells!r}")
         self.model = model
         self.first_cell_weight = first_cell_weight
+        self.edit_start_cells = edit_start_cells
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         m, dev = self.model, self.model.device
@@ -178,8 +190,14 @@ class TrainingModel(nn.Module):
             with torch.no_grad():
                 grid = m.vq.encode(batch.target_images.to(dev))
                 codes = grid.flatten()
-                if kind == "generate" and self.first_cell_weight != 1.0:
-                    weights = 1.0 + (self.first_cell_weight - 1.0) * object_start_cells(grid).flatten().float()
+                starts = None
+                if self.first_cell_weight != 1.0 and (kind == "generate" or self.edit_start_cells != "none"):
+                    starts = object_start_cells(grid)
+                    if kind == "edit" and self.edit_start_cells == "objects+changes":
+                        source_grid = m.vq.quantize_features(z)
+                        starts = starts | region_start_cells(grid != source_grid)
+                if starts is not None:
+                    weights = 1.0 + (self.first_cell_weight - 1.0) * starts.flatten().float()
             fed = m.input_adapter(kind)(m.vq.codebook_entries(codes))
             flat = flat.index_copy(0, batch.code_input_index.to(dev), fed)
         hidden = m(flat.view(b, length, d), batch.position_ids.to(dev), batch.valid.to(dev)).reshape(b * length, d)
@@ -393,7 +411,7 @@ def run_stage(index: int, stage: Stage, model: WallarooModel, tok: TextTokenizer
         start = state["step"]
     elif stage.edit_from_generation:
         copy_generation_into_edit(model)
-    trainer: nn.Module = TrainingModel(model, stage.first_cell_weight)
+    trainer: nn.Module = TrainingModel(model, stage.first_cell_weight, stage.edit_start_cells)
     if world > 1:
         trainer = nn.parallel.DistributedDataParallel(trainer, find_unused_parameters=True)
     model.train()
