@@ -188,9 +188,19 @@ def copy_env(env):
     return Pipeline(model, env.tokenizer)
 
 
-@pytest.mark.parametrize("copy", [False, True])
-def test_edit_cached_equals_recomputed(env, copy_env, recorded, copy):
-    pipe = copy_env if copy else env
+@pytest.fixture(scope="module")
+def keep_source_env(copy_env):
+    """copy_env's model whose unconditional edit branch keeps the source (`edit_uncond_keeps_source`)."""
+    old = copy_env.model.cfg
+    cfg = dataclasses.replace(old, protocol=dataclasses.replace(old.protocol, edit_uncond_keeps_source=True))
+    model = WallarooModel(cfg).eval().requires_grad_(False)
+    model.load_state_dict(copy_env.model.state_dict())
+    return Pipeline(model, copy_env.tokenizer)
+
+
+@pytest.mark.parametrize("copy, keep_source", [(False, False), (True, False), (True, True)])
+def test_edit_cached_equals_recomputed(env, copy_env, keep_source_env, recorded, copy, keep_source):
+    pipe = keep_source_env if keep_source else copy_env if copy else env
     tok, model = pipe.tokenizer, pipe.model
     src = source_image()  # 50x70 -> closest size 48x32 (h x w)
     out = pipe.edit(src, EDIT, cfg=2.0, temperature=0)
@@ -198,7 +208,9 @@ def test_edit_cached_equals_recomputed(env, copy_env, recorded, copy):
     assert size == (48, 32)
     v = model.cfg.vision
     prompts, vision, pixels, sources = [], [], [], []
-    for image, text in ((src, EDIT), (Image.new("RGB", src.size, (0, 0, 0)), "")):
+    # The unconditional branch: no instruction, and a black image, or the source itself for models so trained.
+    uncond_image = src if keep_source else Image.new("RGB", src.size, (0, 0, 0))
+    for image, text in ((src, EDIT), (uncond_image, "")):
         patches, grid = images.vision_inputs(image, v, v.edit_min_pixels, v.edit_max_pixels)
         with torch.no_grad():
             vision.append(model.vision_embeddings(patches, torch.tensor([grid])))
@@ -210,7 +222,11 @@ def test_edit_cached_equals_recomputed(env, copy_env, recorded, copy):
     assert len(set(ref.flatten().tolist())) > 2
     assert torch.equal(recorded[-1].cpu(), ref)
     assert same_images(out, vq_images(model, ref))
-    if copy:
+    if keep_source:
+        # Guidance against the source itself decodes other codes than guidance against a black image.
+        copy_env.edit(src, EDIT, cfg=2.0, temperature=0)
+        assert not torch.equal(recorded[-1].cpu(), ref)
+    if copy and not keep_source:
         # The copy path is used: without it the same weights decode other codes, and with it more cells
         # take the source's code.
         plain = slow_image_codes(model, prompts, vision, pixels, 3, 2, "edit", 2.0)

@@ -347,3 +347,23 @@ def test_edit_start_cells_weigh_target_objects_and_where_each_change_begins(setu
     assert losses["none"] == pytest.approx(per_cell.mean().item(), rel=1e-4)
     with pytest.raises(ValueError, match="edit_start_cells"):
         TrainingModel(model, 5.0, "changes")
+
+
+@pytest.mark.parametrize("keep_source", [False, True])
+def test_dropped_edit_prompts_lose_the_instruction_and_the_source_or_the_change(setup, keep_source):
+    """A CFG-dropped edit has no instruction; the reference's also has a black source, while a model whose
+    unconditional branch keeps the source (`edit_uncond_keeps_source`) learns that source unchanged."""
+    import dataclasses
+    tok, cfg = setup
+    cfg = dataclasses.replace(cfg, protocol=dataclasses.replace(cfg.protocol, edit_uncond_keeps_source=keep_source))
+    kept = make_example("edit", random.Random(7), tok, cfg, [(64, 64)], uncond_prob=0.0)
+    dropped = make_example("edit", random.Random(7), tok, cfg, [(64, 64)], uncond_prob=1.0)
+    instruction_len = len(kept.prompt.ids) - len(dropped.prompt.ids)
+    assert instruction_len > 0
+    assert kept.target_image.tobytes() != kept.source_image.tobytes()  # an edit changes something
+    if keep_source:
+        assert dropped.source_image.tobytes() == kept.source_image.tobytes()
+        assert dropped.target_image.tobytes() == dropped.source_image.tobytes()
+    else:
+        assert dropped.source_image.getextrema() == ((0, 0), (0, 0), (0, 0))
+        assert dropped.target_image.tobytes() == kept.target_image.tobytes()

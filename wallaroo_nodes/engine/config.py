@@ -173,6 +173,10 @@ class ProtocolConfig:
     indicator_format: str = "<indicator:{}>"
     # The edit prompt puts the VQ pixel block before the vision block (reference: pixel_pad_left).
     pixel_block_first: bool = True
+    # What an edit's unconditional (CFG) branch is. False: a black image and no instruction (the reference's).
+    # True: the source image kept and only the instruction dropped, trained with the source itself as the
+    # target, so guidance pushes away from returning the source unchanged.
+    edit_uncond_keeps_source: bool = False
 
 
 # Token names the protocols need; each must be present in `WallarooConfig.tokens`.

@@ -254,8 +254,10 @@ class Pipeline:
         v = self.config.vision
         rows = [(src, text) for src, text in zip(loaded, instructions)]
         if scale != 1.0:
-            # The unconditional branch: a black image of the same size and no instruction (as the reference).
-            rows += [(Image.new("RGB", src.size, (0, 0, 0)), "") for src, _ in zip(loaded, instructions)]
+            # The unconditional branch: no instruction, and a black image of the same size (as the reference)
+            # or, for models trained so, the source itself (ProtocolConfig.edit_uncond_keeps_source).
+            keep = self.config.protocol.edit_uncond_keeps_source
+            rows += [(src if keep else Image.new("RGB", src.size, (0, 0, 0)), "") for src in loaded]
         langs = [language_of(t) for t in instructions] * (2 if scale != 1.0 else 1)
         prompts, vision, pixels, source_codes = [], [], [], []
         copy = self.config.edit_copy_source

@@ -72,7 +72,10 @@ def make_example(task: str, rng: random.Random, tok: TextTokenizer, cfg: Wallaro
         instruction, target = edit_instruction(scene, lang, rng)
         source = render(scene)
         if rng.random() < uncond_prob:
-            instruction, source = "", Image.new("RGB", source.size, (0, 0, 0))
+            if cfg.protocol.edit_uncond_keeps_source:
+                instruction, target = "", scene  # nothing asked, nothing changed
+            else:
+                instruction, source = "", Image.new("RGB", source.size, (0, 0, 0))
         patches, grid = images.vision_inputs(source, cfg.vision, cfg.vision.edit_min_pixels, cfg.vision.edit_max_pixels)
         prompt = build_edit(tok, cfg, instruction, canvas, grid, lang=lang)
         return Example(task, prompt, target_image=render(target), source_image=source, vision_grid=grid,
