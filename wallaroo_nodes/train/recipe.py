@@ -64,8 +64,9 @@ class Stage:
     # Loss weight of the cell where each object starts in a generated image (first in raster order): the one
     # cell that must read the caption's colour, shape and size; every later object cell copies its neighbours.
     first_cell_weight: float = 1.0
-    # Whether edited images weigh start cells (by first_cell_weight) too: "none", "objects" (each target object's first cell) or
-    # "objects+changes" (also the first cell of each region where the target's code differs from the source's).
+    # Whether edited images weigh start cells (by first_cell_weight) too: "none", "objects" (each target
+    # object's first cell) or "objects+changes" (also the first cell of each region where the target's code
+    # differs from the source's).
     edit_start_cells: str = "none"
 
 
@@ -181,13 +182,13 @@ class TrainingModel(nn.Module):
         if batch.vision_index is not None:
             feats = m.visual(batch.vision_patches.to(dev), batch.vision_grids.to(dev))
             flat = flat.index_copy(0, batch.vision_index.to(dev), feats.to(flat.dtype))
-        source_codes = None
+        source_grid = None
         if batch.pixel_index is not None:
             with torch.no_grad():
                 z = m.vq.encode_features(batch.pixel_sources.to(dev))
-                if m.cfg.edit_copy_source:
+                if m.cfg.edit_copy_source or self.edit_start_cells == "objects+changes":
                     # Source and target share the canvas, so source cell k lines up with target code k.
-                    source_codes = m.vq.quantize_features(z).flatten()
+                    source_grid = m.vq.quantize_features(z)
             flat = flat.index_copy(0, batch.pixel_index.to(dev), m.pixel_adapter(z.flatten(0, 2)))
         codes = weights = None
         if batch.code_input_index is not None:
@@ -198,7 +199,6 @@ class TrainingModel(nn.Module):
                 if self.first_cell_weight != 1.0 and (kind == "generate" or self.edit_start_cells != "none"):
                     starts = object_start_cells(grid)
                     if kind == "edit" and self.edit_start_cells == "objects+changes":
-                        source_grid = m.vq.quantize_features(z)
                         starts = starts | region_start_cells(grid != source_grid)
                 if starts is not None:
                     weights = 1.0 + (self.first_cell_weight - 1.0) * starts.flatten().float()
@@ -216,7 +216,7 @@ class TrainingModel(nn.Module):
             at_targets = hidden[batch.code_target_index.to(dev)]
             logits = m.image_head(kind)(at_targets)
             if kind == "edit" and m.cfg.edit_copy_source:
-                logits = m.add_source_copy(logits.float(), at_targets, source_codes)
+                logits = m.add_source_copy(logits.float(), at_targets, source_grid.flatten())
             per_cell = F.cross_entropy(logits.float(), codes, reduction="none")
             image_loss = per_cell.mean() if weights is None else (weights * per_cell).sum() / weights.sum()
             loss = loss + image_loss
