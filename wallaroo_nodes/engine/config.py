@@ -75,7 +75,7 @@ class VisionConfig:
     # Side of a learned table of absolute patch positions sampled at each patch's place as a fraction of
     # its image (Qwen3-VL's pos_embed idea). 0 = none, as in Qwen2.5-VL. The tiny model needs it: its
     # 2-D rotary positions are relative, so on a flat background no token could tell where in the frame it
-    # sits, and M-RoPE gives the LLM's columns almost no angle (README, the eighth run).
+    # sits, and M-RoPE gives the LLM's columns almost no angle (docs/tiny_model_runs.md, the eighth run).
     abs_position_grid: int = 0
 
     @property
@@ -205,7 +205,7 @@ class WallarooConfig:
     # score to the logit of the code the edit source has at that very cell (a copy path, as in
     # pointer-generator networks). Through the prompt's pixel block alone a small LLM must find "the same
     # cell in the source" at an offset that changes with the instruction's length; on flat backgrounds it did
-    # not, and decoded edits dropped the objects they should have kept (README, thirteenth run).
+    # not, and decoded edits dropped the objects they should have kept (docs/tiny_model_runs.md, thirteenth run).
     edit_copy_source: bool = False
     # dtype the weights were saved in (informational; loading casts to the requested dtype).
     weights_dtype: str = "bfloat16"

@@ -79,17 +79,17 @@ def default_stages(scale: float = 1.0) -> list[Stage]:
         Stage("0-understanding-pretrain", n(900), 1e-3, {"understand": 1.0}, ALL_CANVASES, trainable="reader"),
         Stage("1-alignment", n(250), 1e-3, {"generate": 1.0}, SQUARE, trainable="align", gen_objects=(1,)),
         # Generation is bounded by how many image samples it sees, and one-object scenes bind the colour word
-        # long before two-object ones do (probes from the stage-1 weights; README). So stage 2 is long, mostly
+        # long before two-object ones do (probes from the stage-1 weights; docs/tiny_model_runs.md). So stage 2 is long, mostly
         # generation, with three quarters of its scenes one-object; stage 3 brings the second object and the
         # other canvases.
         # From stage 2 on, the cell where each generated object starts weighs 4x in the image loss: the one cell
-        # that must read the caption (Stage.first_cell_weight; nineteenth and twentieth runs, README).
+        # that must read the caption (Stage.first_cell_weight; nineteenth and twentieth runs, docs/tiny_model_runs.md).
         Stage("2-joint-pretrain", n(2600), 1e-3, {"generate": 0.85, "understand": 0.15}, SQUARE,
               gen_objects=(1, 1, 1, 2), first_cell_weight=FIRST_CELL_WEIGHT),
         Stage("3-multi-resolution", n(2400), 7e-4, {"generate": 0.8, "understand": 0.2}, ALL_CANVASES,
               first_cell_weight=FIRST_CELL_WEIGHT),
         # Edits weigh the same start cells, and also where each change begins; they take 55% of the steps
-        # (twenty-first and twenty-second runs, README).
+        # (twenty-first and twenty-second runs, docs/tiny_model_runs.md).
         Stage("4-unified-finetune", n(1800), 5e-4, {"generate": 0.30, "understand": 0.15, "edit": 0.55}, ALL_CANVASES,
               edit_from_generation=True, first_cell_weight=FIRST_CELL_WEIGHT, edit_start_cells="objects+changes"),
     ]
@@ -98,7 +98,7 @@ def default_stages(scale: float = 1.0) -> list[Stage]:
 def tiny_model_config(tokens: dict[str, int], vocab_size: int) -> WallarooConfig:
     """The architecture of the bundled tiny model: same code paths as 7B, sized for two CPU cores."""
     # A dropped edit prompt keeps its source and learns it unchanged, not the reference's black image: on the
-    # same stage 3 it took unguided editing 0.34 -> 0.40 of 400 held-out edits (twenty-second run, README).
+    # same stage 3 it took unguided editing 0.34 -> 0.40 of 400 held-out edits (twenty-second run, docs/tiny_model_runs.md).
     protocol = ProtocolConfig(sizes=[tuple(c) for c in CANVAS_SIZES], default_size=(64, 64),
                               edit_uncond_keeps_source=True)
     cfg = WallarooConfig(
@@ -117,7 +117,7 @@ def tiny_model_config(tokens: dict[str, int], vocab_size: int) -> WallarooConfig
         vq=VQConfig(codebook_size=1024, codebook_embed_dim=8, ch=16, ch_mult=(1, 2, 2, 4), num_res_blocks=1,
                     z_channels=64, norm_groups=8, cell_local=True),
         protocol=protocol,
-        # Swept on the eighth run (README): temperature 1 -> 0.5 took one-object prompts 0.775 -> 0.845 and
+        # Swept on the eighth run (docs/tiny_model_runs.md): temperature 1 -> 0.5 took one-object prompts 0.775 -> 0.845 and
         # two-object 0.195 -> 0.30; edits were best near greedy and without guidance (0.04 -> 0.13).
         sampling=SamplingDefaults(generate_cfg=1.5, generate_temperature=0.5, generate_top_k=50, edit_cfg=1.0,
                                   edit_temperature=0.2, edit_top_k=50, understand_max_new_tokens=48),
@@ -259,7 +259,7 @@ def trainable_parameters(model: WallarooModel, mode: str) -> list[nn.Parameter]:
     its read-out (a frozen parse head read 98-100% of fields before stage 0, 49-68% after) and 5 of 7 runs
     never learnt where the object is. With the tower frozen, both towers those misses had started from were
     read perfectly (stage-0 check 1.00 / 1.00 / 1.00; answer loss 0.07-0.10, not 0.25-0.37), and the steps
-    run faster (README, twelfth run).
+    run faster (docs/tiny_model_runs.md, twelfth run).
     """
     if mode not in ("all", "reader", "align"):
         raise ValueError(f"unknown trainable mode {mode!r}")
@@ -529,7 +529,7 @@ def log_vision_reading(model: WallarooModel, tok: TextTokenizer, log=print) -> d
     # Position only: runs that went on to read everything (the bundle) still had shape near chance here.
     if reading["position"] < 0.6:
         print("warning: stage 0 did not learn to find the object among the vision tokens; stages 1-4 did not make "
-              "up for that in past runs (README, eleventh run). Consider stopping and starting a new run folder "
+              "up for that in past runs (docs/tiny_model_runs.md, eleventh run). Consider stopping and starting a new run folder "
               "with another --seed.")
     return reading
 
