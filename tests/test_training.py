@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -183,6 +184,60 @@ def test_recipe_trains_data_parallel_under_torchrun(tmp_path):
     assert log[-1].get("event") == "finished"
     model, _ = load_model(export, dtype="fp32", device="cpu")
     assert model.cfg.name == "wallaroo-tiny-shapes"
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads child processes from Linux /proc")
+def test_killed_trainer_takes_its_side_vq_process_with_it(tmp_path):
+    """SIGKILL skips multiprocessing's cleanup of daemon children; the VQ side process must still stop, not
+    go on writing checkpoints into the run folder."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    cmd = [sys.executable, "-m", "wallaroo_nodes.train", "--out", str(tmp_path / "run"), "--scale", "0.0001",
+           "--vq-steps", "100000", "--vq-warm-steps", "1", "--batch-size", "2", "--vq-batch-size", "2",
+           "--threads", "2", "--vision-steps", "100000"]
+    trainer = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    side = []
+    try:
+        deadline = time.time() + 180
+        while not side and time.time() < deadline and trainer.poll() is None:
+            time.sleep(0.5)
+            side = [k for k in _children(trainer.pid) if b"spawn_main" in Path(f"/proc/{k}/cmdline").read_bytes()]
+        assert side, "the trainer never started its VQ side process"
+        trainer.send_signal(signal.SIGKILL)
+        trainer.wait()
+        deadline = time.time() + 15
+        while any(_alive(k) for k in side) and time.time() < deadline:
+            time.sleep(0.25)
+        assert not any(_alive(k) for k in side), "the VQ side process outlived its killed trainer"
+    finally:
+        if trainer.poll() is None:
+            trainer.kill()
+        for k in side:  # never leave a stray trainer behind, even when the test fails
+            if _alive(k):
+                os.kill(k, signal.SIGKILL)
 
 
 def test_vq_loss_weights_outlines_above_object_insides_above_background():

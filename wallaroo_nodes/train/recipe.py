@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import random
+import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -542,8 +543,17 @@ def run_log(out: Path) -> Callable[[str], None]:
     return log
 
 
-def _vq_process(cfg: VQConfig, steps: int, out: Path, seed: int, threads: int, **train_kw) -> None:
+def _exit_with_parent(parent: int) -> None:
+    # A daemon process is only stopped when its parent exits normally; a trainer killed by SIGTERM or SIGKILL
+    # would leave its VQ training on, writing checkpoints into a run folder that may since have been reused.
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(1)
+
+
+def _vq_process(cfg: VQConfig, steps: int, out: Path, seed: int, threads: int, parent: int, **train_kw) -> None:
     """Entry point of the side process that trains the VQ while stage 0 runs (spawned, so picklable args)."""
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
     torch.set_num_threads(threads)
     train_vq(cfg, steps, out, seed, torch.device("cpu"), 0, log=run_log(out), **train_kw)
 
@@ -608,7 +618,7 @@ def main(argv: list[str] | None = None) -> int:
             # Stage 0 (understanding) never touches the VQ, so on a CPU the two train at once, each on
             # half the threads: small convolutions and matrices use one core better than they share two.
             import multiprocessing as mp
-            side = mp.get_context("spawn").Process(target=_vq_process, args=(*vq_run, threads // 2), kwargs=vq_kw,
+            side = mp.get_context("spawn").Process(target=_vq_process, args=(*vq_run, threads // 2, os.getpid()), kwargs=vq_kw,
                                                    daemon=True)
             side.start()
             torch.set_num_threads(threads - threads // 2)
