@@ -148,7 +148,7 @@ def decode_image_codes(hf, model: WallarooModel, prep: PreparedBatch, *, rows: i
     """The reference's image loop (`mar_t2i_generate` / `mar_i2i_generate`) on the transformers model.
 
     Same contract as `wallaroo_nodes.engine.decode.decode_image_codes`: returns (n, rows, cols) codes
-    (`source_codes`: for the tiny model's edit copy gate and source cell input, which the reference does not have).
+    (`source_codes`: the tiny model's edit copy gate, which the reference does not have).
     """
     guided = cfg_scale != 1.0
     total = prep.embeds.shape[0]
@@ -160,12 +160,6 @@ def decode_image_codes(hf, model: WallarooModel, prep: PreparedBatch, *, rows: i
     cache = _Cache(hf)
     codes = torch.empty(n, rows, cols, dtype=torch.long, device=device)
     x, mask, pos = prep.embeds, prep.valid.long(), prep.position_ids
-    copy = source_codes is not None and kind == "edit" and model.cfg.edit_copy_source
-    cell_input = None
-    if kind == "edit" and model.cfg.edit_source_cell_input:
-        # The source's code of cell k joins the input whose output predicts cell k.
-        cell_input = model.source_cell_embeddings(source_codes)
-        x = torch.cat([x[:, :-1], x[:, -1:] + cell_input[:, :1]], dim=1)
     r = c = 0
     for i in range(rows * cols + rows - 1):
         out = hf(inputs_embeds=x, attention_mask=mask, position_ids=pos, output_hidden_states=True,
@@ -176,7 +170,7 @@ def decode_image_codes(hf, model: WallarooModel, prep: PreparedBatch, *, rows: i
         if (i + 1) % (cols + 1) != 0:
             # A code position: the head over the whole last hidden state, guidance on the last position.
             logits = head(out.hidden_states[-1])[:, -1].float()
-            if copy:
+            if source_codes is not None:
                 logits = model.add_source_copy(logits, out.hidden_states[-1][:, -1], source_codes[:, r * cols + c])
             if guided:
                 logits = guide(logits[:n], logits[n:], cfg_scale)
@@ -185,8 +179,6 @@ def decode_image_codes(hf, model: WallarooModel, prep: PreparedBatch, *, rows: i
             x = adapter(model.vq.codebook_entries(code).to(model.dtype))[:, None]
             if guided:
                 x = x.repeat(2, 1, 1)
-            if cell_input is not None and c < cols - 1:
-                x = x + cell_input[:, r * cols + c + 1][:, None]
             c += 1
             if c == cols:
                 if on_row is not None:
@@ -197,8 +189,6 @@ def decode_image_codes(hf, model: WallarooModel, prep: PreparedBatch, *, rows: i
         else:
             # The row's last code went in alone above; the end-of-line token goes in the next forward.
             x = model.embed_tokens(torch.full((total, 1), eol_id, dtype=torch.long, device=device))
-            if cell_input is not None:
-                x = x + cell_input[:, r * cols][:, None]  # r is already the next row
         mask = torch.cat([mask, mask.new_ones(total, 1)], dim=1)
         pos = (start + i)[None, :, None].expand(3, -1, 1)
     return codes
