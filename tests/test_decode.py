@@ -103,18 +103,12 @@ def slow_forward_last(model, embeds, positions, valid, next_pos, fed):
 @torch.no_grad()
 def slow_image_codes(model, prompts, vision, pixels, rows, cols, kind, cfg_scale, source_codes=None):
     """`source_codes` (B, rows * cols): with `edit_copy_source`, cell k's logits gain the copy gate's score on
-    the source's code of cell k (written here as a one-hot sum, not the engine's scatter); with
-    `edit_source_cell_input`, the embedding at the position that predicts cell k (the prompt's last token, a
-    fed code, or an end-of-line token) gains the source cell adapter's output for the source's code of cell k."""
+    the source's code of cell k (written here as a one-hot sum, not the engine's scatter)."""
     head = {"generate": model.gen_image_head, "edit": model.edit_image_head}[kind]
     adapter = {"generate": model.gen_input_adapter, "edit": model.edit_input_adapter}[kind]
     codebook = F.normalize(model.vq.quantize.embedding.weight, dim=-1)
     eol = model.embed_tokens(torch.tensor(model.cfg.tokens["<|end_of_line>|"]))
     embeds, positions, valid, next_pos = prompt_batch(model, prompts, vision, pixels)
-    cell_input = None
-    if model.cfg.edit_source_cell_input:
-        cell_input = model.edit_source_cell_adapter(codebook[source_codes])
-        embeds[:, -1] += cell_input[:, 0]
     guided = cfg_scale != 1.0
     n = len(prompts) // 2 if guided else len(prompts)
     fed, codes = [], torch.empty(n, rows, cols, dtype=torch.long)
@@ -122,7 +116,7 @@ def slow_image_codes(model, prompts, vision, pixels, rows, cols, kind, cfg_scale
         for c in range(cols):
             hidden = slow_forward_last(model, embeds, positions, valid, next_pos, fed)
             logits = head(hidden)
-            if source_codes is not None and model.cfg.edit_copy_source:
+            if source_codes is not None:
                 copy = F.one_hot(source_codes[:, r * cols + c], logits.shape[-1]).to(logits.dtype)
                 logits = logits + model.edit_copy_gate(hidden) * copy
             if guided:
@@ -133,8 +127,6 @@ def slow_image_codes(model, prompts, vision, pixels, rows, cols, kind, cfg_scale
             fed.append(torch.cat([e, e]) if guided else e)
             if c == cols - 1 and r < rows - 1:
                 fed.append(eol.expand(len(prompts), -1))
-            if cell_input is not None and r * cols + c + 1 < rows * cols:
-                fed[-1] = fed[-1] + cell_input[:, r * cols + c + 1]
     return codes
 
 
@@ -206,21 +198,9 @@ def keep_source_env(copy_env):
     return Pipeline(model, copy_env.tokenizer)
 
 
-@pytest.fixture(scope="module")
-def cell_input_env(keep_source_env):
-    """keep_source_env's model with the source cell input too (`edit_source_cell_input`), as the tiny model."""
-    cfg = dataclasses.replace(keep_source_env.model.cfg, edit_source_cell_input=True)
-    model = WallarooModel(cfg).eval().requires_grad_(False)
-    model.load_state_dict(keep_source_env.model.state_dict(), strict=False)
-    randomize_(model.edit_source_cell_adapter, seed=5, scale=0.7)
-    return Pipeline(model, keep_source_env.tokenizer)
-
-
-@pytest.mark.parametrize("copy, keep_source, cell_input",
-                         [(False, False, False), (True, False, False), (True, True, False), (True, True, True)])
-def test_edit_cached_equals_recomputed(env, copy_env, keep_source_env, cell_input_env, recorded, copy, keep_source,
-                                       cell_input):
-    pipe = (cell_input_env if cell_input else keep_source_env if keep_source else copy_env if copy else env)
+@pytest.mark.parametrize("copy, keep_source", [(False, False), (True, False), (True, True)])
+def test_edit_cached_equals_recomputed(env, copy_env, keep_source_env, recorded, copy, keep_source):
+    pipe = keep_source_env if keep_source else copy_env if copy else env
     tok, model = pipe.tokenizer, pipe.model
     src = source_image()  # 50x70 -> closest size 48x32 (h x w)
     out = pipe.edit(src, EDIT, cfg=2.0, temperature=0)
@@ -242,11 +222,7 @@ def test_edit_cached_equals_recomputed(env, copy_env, keep_source_env, cell_inpu
     assert len(set(ref.flatten().tolist())) > 2
     assert torch.equal(recorded[-1].cpu(), ref)
     assert same_images(out, vq_images(model, ref))
-    if cell_input:
-        # The cell input is used: the same weights without it decode other codes.
-        keep_source_env.edit(src, EDIT, cfg=2.0, temperature=0)
-        assert not torch.equal(recorded[-1].cpu(), ref)
-    elif keep_source:
+    if keep_source:
         # Guidance against the source itself decodes other codes than guidance against a black image.
         copy_env.edit(src, EDIT, cfg=2.0, temperature=0)
         assert not torch.equal(recorded[-1].cpu(), ref)

@@ -340,39 +340,6 @@ def test_edit_copy_gate_scores_each_cells_source_code(setup):
     assert losses[0] == pytest.approx(torch.nn.functional.cross_entropy(head_out[0], target).item(), rel=1e-4)
 
 
-def test_edit_source_cell_input_starts_as_a_no_op_and_enters_where_each_cell_is_predicted(setup):
-    """With `edit_source_cell_input`, stage 4 starts exactly where stage 3 ended (zero output layer), and the
-    source's code of cell k reaches the logits of cell k and later cells, never earlier ones."""
-    import dataclasses
-    tok, base = setup
-    cfg = dataclasses.replace(base, edit_source_cell_input=True)
-    torch.manual_seed(0)
-    model = WallarooModel(cfg).eval()
-    copy_generation_into_edit(model)
-    plain = WallarooModel(base).eval()
-    plain.load_state_dict(model.state_dict(), strict=False)
-    batch = collate([make_example("edit", random.Random(7), tok, cfg, [(64, 64)], uncond_prob=0.0)], cfg)
-    with torch.no_grad():
-        assert TrainingModel(model)(batch)[1]["image"] == TrainingModel(plain)(batch)[1]["image"]
-    # Trained a little, the adapter's output layer is no longer zero; now perturb one cell's input.
-    torch.nn.init.normal_(model.edit_source_cell_adapter[2].weight, std=0.05)
-    head_out = []
-    model.edit_image_head.register_forward_hook(lambda mod, inp, out: head_out.append(out.detach().float()))
-    embed = model.source_cell_embeddings
-    cell = 19  # third row of the 8x8 grid
-    with torch.no_grad():
-        TrainingModel(model)(batch)
-        def perturbed(codes):
-            out = embed(codes).clone()
-            out[cell] += 1.0
-            return out
-        model.source_cell_embeddings = perturbed
-        TrainingModel(model)(batch)
-    before, after = head_out
-    changed = (before - after).abs().amax(-1) > 1e-5
-    assert not changed[:cell].any() and changed[cell] and changed[cell:].all()
-
-
 def test_object_start_cells_mark_where_each_object_begins_in_raster_order():
     # Hand-made code grids: background code 0, an object of codes 3/4 spanning two rows, and a diagonal
     # continuation (5) that belongs to the same object; a second object (7) starts apart from the first.

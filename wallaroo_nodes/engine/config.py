@@ -207,12 +207,6 @@ class WallarooConfig:
     # cell in the source" at an offset that changes with the instruction's length; on flat backgrounds it did
     # not, and decoded edits dropped the objects they should have kept (docs/tiny_model_runs.md, thirteenth run).
     edit_copy_source: bool = False
-    # Tiny-model option, off for the official model: the input at the position that predicts an edited cell
-    # also carries the edit source's code of that same cell (through its own adapter), so every layer knows
-    # what the source holds where it is drawing. The copy gate only lets the model keep a cell; recolouring
-    # or reshaping needs the source cell's content to make a new code from it, and the prompt's pixel block
-    # sits at an offset the small LLM did not find reliably.
-    edit_source_cell_input: bool = False
     # dtype the weights were saved in (informational; loading casts to the requested dtype).
     weights_dtype: str = "bfloat16"
 
@@ -225,8 +219,6 @@ class WallarooConfig:
             raise ConfigError(f"vision.out_hidden_size {self.vision.out_hidden_size} != llm.hidden_size {self.llm.hidden_size}")
         if self.edit_copy_source and not self.has_edit:
             raise ConfigError("edit_copy_source needs has_edit (it feeds the editing head)")
-        if self.edit_source_cell_input and not self.has_edit:
-            raise ConfigError("edit_source_cell_input needs has_edit (it feeds edit decoding)")
         missing = [t for t in REQUIRED_TOKENS if t not in self.tokens]
         if missing:
             raise ConfigError(f"config tokens table lacks {missing}")

@@ -125,9 +125,8 @@ def decode_image_codes(model: WallarooModel, prep: PreparedBatch, *, rows: int, 
 
     With guidance (cfg_scale != 1) the batch holds n conditional rows then n unconditional rows; otherwise
     it holds n conditional rows. The sequence is row 0 codes, EOL, row 1 codes, EOL, ... (no EOL after the
-    last row). `source_codes` (B, rows * cols): the edit source's code of each cell, which the copy gate scores
-    at that cell (models with `edit_copy_source`) and which is added to the input that predicts that cell
-    (models with `edit_source_cell_input`, which need it). Returns (n, rows, cols) int64.
+    last row). `source_codes` (B, rows * cols), for models with `edit_copy_source`: the edit source's code of
+    each cell, which the copy gate scores at that cell. Returns (n, rows, cols) int64.
     """
     guided = cfg_scale != 1.0
     total, prompt_len, dim = prep.embeds.shape
@@ -142,19 +141,9 @@ def decode_image_codes(model: WallarooModel, prep: PreparedBatch, *, rows: int, 
     # Input buffers: one code, or a row's last code followed by the end-of-line token (already in place).
     one = torch.empty(total, 1, dim, dtype=model.dtype, device=device)
     two = torch.empty(total, 2, dim, dtype=model.dtype, device=device)
-    eol = model.embed_tokens(torch.tensor([eol_id], device=device))
-    two[:, 1] = eol
+    two[:, 1] = model.embed_tokens(torch.tensor([eol_id], device=device))
     if source_codes is not None and source_codes.shape != (total, rows * cols):
         raise ValueError(f"source_codes must be {(total, rows * cols)}, got {tuple(source_codes.shape)}")
-    copy = source_codes is not None and kind == "edit" and model.cfg.edit_copy_source
-    cell_input = None
-    if kind == "edit" and model.cfg.edit_source_cell_input:
-        if source_codes is None:
-            raise ValueError("this model's edits need source_codes (edit_source_cell_input); pass the source's codes")
-        cell_input = model.source_cell_embeddings(source_codes)  # (B, rows * cols, D): added where cell k is predicted
-        # Cell 0 is predicted from the prompt's last position.
-        prep = PreparedBatch(prep.embeds.clone(), prep.position_ids, prep.valid)
-        prep.embeds[:, -1] += cell_input[:, 0]
     groups = total // n  # the code of conditional row i is fed to row i of each group (CFG: both branches)
     one_code, two_code = one[:, 0].unflatten(0, (groups, n)), two[:, 0].unflatten(0, (groups, n))
     codes = torch.empty(n, rows, cols, dtype=torch.long, device=device)
@@ -166,7 +155,7 @@ def decode_image_codes(model: WallarooModel, prep: PreparedBatch, *, rows: int, 
         for r in range(rows):
             for c in range(cols):
                 logits = head(hidden).float()
-                if copy:
+                if source_codes is not None:
                     logits = model.add_source_copy(logits, hidden, source_codes[:, r * cols + c])
                 if guided:
                     logits = guide(logits[:n], logits[n:], cfg_scale)
@@ -177,14 +166,10 @@ def decode_image_codes(model: WallarooModel, prep: PreparedBatch, *, rows: int, 
                 if c == cols - 1:
                     # The row's last code and the end-of-line token go in together: nothing is sampled between.
                     two_code.copy_(table.index_select(0, code))
-                    if cell_input is not None:
-                        torch.add(eol, cell_input[:, (r + 1) * cols], out=two[:, 1])
                     hidden = steps.step(two, cos.narrow(1, t, 2), sin.narrow(1, t, 2))
                     t += 2
                 else:
                     one_code.copy_(table.index_select(0, code))
-                    if cell_input is not None:
-                        one[:, 0] += cell_input[:, r * cols + c + 1]
                     hidden = steps.step(one, cos.narrow(1, t, 1), sin.narrow(1, t, 1))
                     t += 1
             if on_row is not None:

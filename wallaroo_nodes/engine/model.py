@@ -44,8 +44,6 @@ class WallarooModel(nn.Module):
             self.pixel_adapter = _mlp(code_dim, d, d)
             if cfg.edit_copy_source:
                 self.edit_copy_gate = nn.Linear(d, 1)
-            if cfg.edit_source_cell_input:
-                self.edit_source_cell_adapter = _mlp(code_dim, d, d)
         # Rotary tables are plain attributes, not buffers: `.to(bf16)` would round the frequencies.
         self._rope: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         self.attention_backend = "sdpa"
@@ -110,11 +108,6 @@ class WallarooModel(nn.Module):
         """Edit logits (N, codes) plus the copy gate's score (from hidden (N, D)) on each row's source code (N,)."""
         gate = self.edit_copy_gate(hidden.to(self.edit_copy_gate.weight.dtype)).to(logits.dtype)
         return logits.scatter_add(-1, source_codes.unsqueeze(-1), gate)
-
-    def source_cell_embeddings(self, source_codes: torch.Tensor) -> torch.Tensor:
-        """Embeddings (…, D) of edit-source codes (…), added to the input that predicts each source's cell."""
-        entries = self.vq.codebook_entries(source_codes).to(self.dtype)
-        return self.edit_source_cell_adapter(entries)
 
     @property
     def vq_dtype(self) -> torch.dtype:

@@ -260,13 +260,12 @@ class Pipeline:
             rows += [(src if keep else Image.new("RGB", src.size, (0, 0, 0)), "") for src in loaded]
         langs = [language_of(t) for t in instructions] * (2 if scale != 1.0 else 1)
         prompts, vision, pixels, source_codes = [], [], [], []
-        # The source's codes, for models whose edit decoding reads them (copy gate, source cell input).
-        copy = self.config.edit_copy_source or self.config.edit_source_cell_input
+        copy = self.config.edit_copy_source
         for (src, text), lang in zip(rows, langs):
             feats, grid = self._vision(src, v.edit_min_pixels, v.edit_max_pixels)
             vq_pixels = images.vq_input(src, size).to(self.model.device)
             with torch.inference_mode():
-                # One VQ encode serves both the pixel block and, where the model reads them, the source's codes.
+                # One VQ encode serves both the pixel block and, with the copy gate, the source's codes.
                 z = self.model.vq.encode_features(vq_pixels.to(self.model.vq_dtype))
                 px = self.model.pixel_embeddings_from_latents(z)[0]
                 if copy:

@@ -122,8 +122,7 @@ def tiny_model_config(tokens: dict[str, int], vocab_size: int) -> WallarooConfig
         # two-object 0.195 -> 0.30; edits were best near greedy and without guidance (0.04 -> 0.13).
         sampling=SamplingDefaults(generate_cfg=1.5, generate_temperature=0.5, generate_top_k=50, edit_cfg=1.0,
                                   edit_temperature=0.2, edit_top_k=50, understand_max_new_tokens=48),
-        tokens=tokens, has_edit=True, edit_copy_source=True, edit_source_cell_input=True,
-        weights_dtype="float32")
+        tokens=tokens, has_edit=True, edit_copy_source=True, weights_dtype="float32")
     cfg.validate()
     return cfg
 
@@ -188,7 +187,7 @@ class TrainingModel(nn.Module):
         if batch.pixel_index is not None:
             with torch.no_grad():
                 z = m.vq.encode_features(batch.pixel_sources.to(dev))
-                if m.cfg.edit_copy_source or m.cfg.edit_source_cell_input or self.edit_start_cells == "objects+changes":
+                if m.cfg.edit_copy_source or self.edit_start_cells == "objects+changes":
                     # Source and target share the canvas, so source cell k lines up with target code k.
                     source_grid = m.vq.quantize_features(z)
             flat = flat.index_copy(0, batch.pixel_index.to(dev), m.pixel_adapter(z.flatten(0, 2)))
@@ -206,10 +205,6 @@ class TrainingModel(nn.Module):
                     weights = 1.0 + (self.first_cell_weight - 1.0) * starts.flatten().float()
             fed = m.input_adapter(kind)(m.vq.codebook_entries(codes))
             flat = flat.index_copy(0, batch.code_input_index.to(dev), fed)
-            if kind == "edit" and m.cfg.edit_source_cell_input:
-                # The position that predicts target cell k also carries the source's code of cell k.
-                cell_input = m.source_cell_embeddings(source_grid.flatten()).to(flat.dtype)
-                flat = flat.index_add(0, batch.code_target_index.to(dev), cell_input)
         hidden = m(flat.view(b, length, d), batch.position_ids.to(dev), batch.valid.to(dev)).reshape(b * length, d)
         loss = hidden.new_zeros(())
         parts: dict[str, float] = {}
@@ -277,8 +272,6 @@ def trainable_parameters(model: WallarooModel, mode: str) -> list[nn.Parameter]:
                  model.edit_image_head, model.edit_input_adapter, model.pixel_adapter]
         if model.cfg.edit_copy_source:
             parts.append(model.edit_copy_gate)
-        if model.cfg.edit_source_cell_input:
-            parts.append(model.edit_source_cell_adapter)
         if mode == "all":
             parts.append(model.visual)
     for p in parts:
@@ -400,12 +393,6 @@ def copy_generation_into_edit(model: WallarooModel) -> None:
         # model learns from the instruction where to override it.
         nn.init.zeros_(model.edit_copy_gate.weight)
         nn.init.constant_(model.edit_copy_gate.bias, COPY_GATE_START)
-    if model.cfg.edit_source_cell_input:
-        # Starts from generation's adapter with a zero output layer: stage 4 begins exactly where stage 3
-        # ended, and the source cell's code enters as the edit loss asks for it.
-        model.edit_source_cell_adapter.load_state_dict(model.gen_input_adapter.state_dict())
-        nn.init.zeros_(model.edit_source_cell_adapter[2].weight)
-        nn.init.zeros_(model.edit_source_cell_adapter[2].bias)
 
 
 def run_stage(index: int, stage: Stage, model: WallarooModel, tok: TextTokenizer, out: Path, seed: int,
@@ -482,10 +469,10 @@ def run_stage(index: int, stage: Stage, model: WallarooModel, tok: TextTokenizer
 
 
 def load_training_state(model: WallarooModel, state: dict[str, torch.Tensor]) -> None:
-    """Load a run folder's weights strictly, except that checkpoints from before `edit_copy_gate` and
-    `edit_source_cell_adapter` existed may lack them (stage 4 initialises both; stages 0-3 never use them)."""
+    """Load a run folder's weights strictly, except that checkpoints from before `edit_copy_gate` existed may
+    lack it (stage 4 initialises it; stages 0-3 never use it)."""
     missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.startswith(("edit_copy_gate.", "edit_source_cell_adapter."))]
+    missing = [k for k in missing if not k.startswith("edit_copy_gate.")]
     if missing or unexpected:
         raise RuntimeError(f"checkpoint does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
