@@ -49,7 +49,8 @@ def test_generation_lays_out_the_scene_it_is_asked_for(report):
 
 def test_the_stage_0_check_passes_the_bundled_model(pipe):
     # The check the recipe logs after stage 0: the bundle reads place, shape and size of one object (1.00 on
-    # each kind's 20 questions); stage-0 runs that missed it stayed near chance (docs/tiny_model_runs.md, eleventh run).
+    # each kind's 20 questions); stage-0 runs that missed it stayed near chance (docs/tiny_model_runs.md,
+    # eleventh run).
     from wallaroo_nodes.eval.shapes_eval import vision_reading_check
     assert min(vision_reading_check(pipe).values()) >= 0.9
 

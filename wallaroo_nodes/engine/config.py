@@ -205,7 +205,8 @@ class WallarooConfig:
     # score to the logit of the code the edit source has at that very cell (a copy path, as in
     # pointer-generator networks). Through the prompt's pixel block alone a small LLM must find "the same
     # cell in the source" at an offset that changes with the instruction's length; on flat backgrounds it did
-    # not, and decoded edits dropped the objects they should have kept (docs/tiny_model_runs.md, thirteenth run).
+    # not, and decoded edits dropped the objects they should have kept (docs/tiny_model_runs.md, thirteenth
+    # run).
     edit_copy_source: bool = False
     # dtype the weights were saved in (informational; loading casts to the requested dtype).
     weights_dtype: str = "bfloat16"

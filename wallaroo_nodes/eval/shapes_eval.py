@@ -242,7 +242,8 @@ def vision_reading_check(pipe: Pipeline, n: int = 20, seed: int = 0) -> dict[str
     """Exact-answer accuracy of position, shape and size questions about one-object 64x64 scenes.
 
     Stage 0 either learns to find the object among the vision tokens or leaves these at chance, and the
-    later stages did not make up for it (docs/tiny_model_runs.md, eleventh run); the recipe logs this right after stage 0.
+    later stages did not make up for it (docs/tiny_model_runs.md, eleventh run); the recipe logs this right after
+    stage 0.
     """
     result = {}
     for kind in READING_CHANCE:

@@ -80,11 +80,12 @@ def default_stages(scale: float = 1.0) -> list[Stage]:
         Stage("0-understanding-pretrain", n(900), 1e-3, {"understand": 1.0}, ALL_CANVASES, trainable="reader"),
         Stage("1-alignment", n(250), 1e-3, {"generate": 1.0}, SQUARE, trainable="align", gen_objects=(1,)),
         # Generation is bounded by how many image samples it sees, and one-object scenes bind the colour word
-        # long before two-object ones do (probes from the stage-1 weights; docs/tiny_model_runs.md). So stage 2 is long, mostly
-        # generation, with three quarters of its scenes one-object; stage 3 brings the second object and the
-        # other canvases.
+        # long before two-object ones do (probes from the stage-1 weights; docs/tiny_model_runs.md). So stage 2
+        # is long, mostly generation, with three quarters of its scenes one-object; stage 3 brings the second
+        # object and the other canvases.
         # From stage 2 on, the cell where each generated object starts weighs 4x in the image loss: the one cell
-        # that must read the caption (Stage.first_cell_weight; nineteenth and twentieth runs, docs/tiny_model_runs.md).
+        # that must read the caption (Stage.first_cell_weight; nineteenth and twentieth runs,
+        # docs/tiny_model_runs.md).
         Stage("2-joint-pretrain", n(2600), 1e-3, {"generate": 0.85, "understand": 0.15}, SQUARE,
               gen_objects=(1, 1, 1, 2), first_cell_weight=FIRST_CELL_WEIGHT),
         Stage("3-multi-resolution", n(2400), 7e-4, {"generate": 0.8, "understand": 0.2}, ALL_CANVASES,
@@ -99,7 +100,8 @@ def default_stages(scale: float = 1.0) -> list[Stage]:
 def tiny_model_config(tokens: dict[str, int], vocab_size: int) -> WallarooConfig:
     """The architecture of the bundled tiny model: same code paths as 7B, sized for two CPU cores."""
     # A dropped edit prompt keeps its source and learns it unchanged, not the reference's black image: on the
-    # same stage 3 it took unguided editing 0.34 -> 0.40 of 400 held-out edits (twenty-second run, docs/tiny_model_runs.md).
+    # same stage 3 it took unguided editing 0.34 -> 0.40 of 400 held-out edits (twenty-second run,
+    # docs/tiny_model_runs.md).
     protocol = ProtocolConfig(sizes=[tuple(c) for c in CANVAS_SIZES], default_size=(64, 64),
                               edit_uncond_keeps_source=True)
     cfg = WallarooConfig(
@@ -118,8 +120,9 @@ def tiny_model_config(tokens: dict[str, int], vocab_size: int) -> WallarooConfig
         vq=VQConfig(codebook_size=1024, codebook_embed_dim=8, ch=16, ch_mult=(1, 2, 2, 4), num_res_blocks=1,
                     z_channels=64, norm_groups=8, cell_local=True),
         protocol=protocol,
-        # Swept on the eighth run (docs/tiny_model_runs.md): temperature 1 -> 0.5 took one-object prompts 0.775 -> 0.845 and
-        # two-object 0.195 -> 0.30; edits were best near greedy and without guidance (0.04 -> 0.13).
+        # Swept on the eighth run (docs/tiny_model_runs.md): temperature 1 -> 0.5 took one-object prompts
+        # 0.775 -> 0.845 and two-object 0.195 -> 0.30; edits were best near greedy and without guidance
+        # (0.04 -> 0.13).
         sampling=SamplingDefaults(generate_cfg=1.5, generate_temperature=0.5, generate_top_k=50, edit_cfg=1.0,
                                   edit_temperature=0.2, edit_top_k=50, understand_max_new_tokens=48),
         tokens=tokens, has_edit=True, edit_copy_source=True, weights_dtype="float32")
@@ -530,7 +533,8 @@ def log_vision_reading(model: WallarooModel, tok: TextTokenizer, log=print) -> d
     # Position only: runs that went on to read everything (the bundle) still had shape near chance here.
     if reading["position"] < 0.6:
         print("warning: stage 0 did not learn to find the object among the vision tokens; stages 1-4 did not make "
-              "up for that in past runs (docs/tiny_model_runs.md, eleventh run). Consider stopping and starting a new run folder "
+              "up for that in past runs (docs/tiny_model_runs.md, eleventh run). Consider stopping and starting a "
+              "new run folder "
               "with another --seed.")
     return reading
 
@@ -618,7 +622,8 @@ def main(argv: list[str] | None = None) -> int:
             # Stage 0 (understanding) never touches the VQ, so on a CPU the two train at once, each on
             # half the threads: small convolutions and matrices use one core better than they share two.
             import multiprocessing as mp
-            side = mp.get_context("spawn").Process(target=_vq_process, args=(*vq_run, threads // 2, os.getpid()), kwargs=vq_kw,
+            side = mp.get_context("spawn").Process(target=_vq_process, args=(*vq_run, threads // 2, os.getpid()),
+                                                   kwargs=vq_kw,
                                                    daemon=True)
             side.start()
             torch.set_num_threads(threads - threads // 2)
