@@ -314,3 +314,15 @@ def test_comparison_is_order_free_and_attribute_level():
     c = compare(s, missing)
     assert not c["count"] and not c["shape"]
     assert dict(match_objects(s, missing))[b] == b
+
+
+@pytest.mark.parametrize("task,n,offset,kinds", [("edit", 216, 30_000_000, EDIT_KINDS), ("und", 210, 0, None)])
+def test_eval_cases_meet_every_kind_on_every_canvas_and_language(task, n, offset, kinds):
+    """Per-size and per-language figures must compare sizes and languages, not edit or question kinds."""
+    from collections import Counter
+    from wallaroo_nodes.eval.shapes_eval import _cases
+    from wallaroo_nodes.shapes import QA_KINDS
+    kinds = kinds or QA_KINDS
+    seen = Counter((c["kind"], c["size"], c["lang"]) for c in _cases(task, n, offset))
+    assert len(seen) == len(kinds) * len(CANVAS_SIZES) * len(LANGS)
+    assert max(seen.values()) - min(seen.values()) <= 1

@@ -2,7 +2,8 @@
 
 Training draws scenes from `random.Random` streams seeded below 2**40; evaluation scenes come from
 `scene_from_seed(EVAL_SEED_BASE + i)`, a disjoint seed range. Each task cycles through canvas sizes and
-languages so every breakdown has an equal share of the cases.
+languages so every breakdown has an equal share of the cases, and every question or edit kind meets every
+canvas size and language.
 """
 from __future__ import annotations
 
@@ -64,7 +65,9 @@ def _cases(task: str, n: int, offset: int) -> list[dict]:
             q, a = question_answer(scene, lang, rng, kind=kind)
             out.append({"scene": scene, "lang": lang, "size": canvas, "question": q, "answer": a, "kind": kind})
         else:
-            kind = EDIT_KINDS[i % len(EDIT_KINDS)]
+            # Kinds advance once per canvas-and-language cycle: with i % 6 each of the six kinds met only one
+            # canvas and one language, so the per-size and per-language figures compared kinds, not sizes.
+            kind = EDIT_KINDS[(i // (len(canvases) * len(LANGS))) % len(EDIT_KINDS)]
             n_obj = 2 if kind == "remove" else 1 if kind == "add" else None
             scene = scene_from_seed(seed, canvas=canvas, n_objects=n_obj)
             if kind not in edit_kinds(scene):
