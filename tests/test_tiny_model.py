@@ -77,7 +77,7 @@ def test_vq_round_trip_keeps_scenes_readable(round_trip):
 
 
 # Metrics whose floor the bundled model reaches; the others are strict expected failures until it does.
-# Twenty-second run on 200 cases: understanding 0.935; generation one-object 0.895, two-object 0.79; editing 0.46.
+# Twenty-second run on 200 cases: understanding 0.935; generation one-object 0.895, two-object 0.79; editing 0.465.
 REACHED: set[str] = {"understanding.accuracy", "generation.one_object", "generation.two_objects"}
 
 
