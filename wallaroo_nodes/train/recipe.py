@@ -534,8 +534,7 @@ def log_vision_reading(model: WallarooModel, tok: TextTokenizer, log=print) -> d
     if reading["position"] < 0.6:
         print("warning: stage 0 did not learn to find the object among the vision tokens; stages 1-4 did not make "
               "up for that in past runs (docs/tiny_model_runs.md, eleventh run). Consider stopping and starting a "
-              "new run folder "
-              "with another --seed.")
+              "new run folder with another --seed.")
     return reading
 
 
@@ -623,8 +622,7 @@ def main(argv: list[str] | None = None) -> int:
             # half the threads: small convolutions and matrices use one core better than they share two.
             import multiprocessing as mp
             side = mp.get_context("spawn").Process(target=_vq_process, args=(*vq_run, threads // 2, os.getpid()),
-                                                   kwargs=vq_kw,
-                                                   daemon=True)
+                                                   kwargs=vq_kw, daemon=True)
             side.start()
             torch.set_num_threads(threads - threads // 2)
         else:
