@@ -113,6 +113,27 @@ def test_editing_starts_from_generation_weights_once_and_a_resume_keeps_its_own(
     assert (tmp_path / "stage4.done").exists()
 
 
+def test_a_stage_seed_offset_draws_the_next_seeds_data(setup, tmp_path):
+    # The bundle's stages 2-4 were trained with --seed 1 after stages 0-1 with --seed 0; Stage.seed_offset lets
+    # one command (--seed 0) draw exactly that data, and a stage without it draws other data.
+    tok, cfg = setup
+
+    def trained(seed: int, offset: int, folder: str) -> dict[str, torch.Tensor]:
+        torch.manual_seed(11)
+        model = WallarooModel(cfg)
+        stage = Stage("2-joint-pretrain", 2, 1e-3, {"generate": 0.5, "understand": 0.5}, [(64, 64)], batch_size=2,
+                      seed_offset=offset)
+        (tmp_path / folder).mkdir()
+        run_stage(2, stage, model, tok, tmp_path / folder, seed, torch.device("cpu"), 0, 1, log=lambda line: None,
+                  precision=torch.float32)
+        return model.state_dict()
+
+    offset, next_seed, plain = trained(0, 1, "offset"), trained(1, 0, "next"), trained(0, 0, "plain")
+    assert all(torch.equal(offset[k], next_seed[k]) for k in offset)
+    assert any(not torch.equal(offset[k], plain[k]) for k in offset)
+    assert [s.seed_offset for s in default_stages()] == [0, 0, 1, 1, 1]
+
+
 def test_multi_turn_understanding_trains_on_every_answer_and_nothing_else(setup):
     tok, cfg = setup
     single = make_example("understand", random.Random(7), tok, cfg, [(64, 64)], qa_turns=1)

@@ -69,6 +69,9 @@ class Stage:
     # object's first cell) or "objects+changes" (also the first cell of each region where the target's code
     # differs from the source's).
     edit_start_cells: str = "none"
+    # Added to the run's --seed for this stage's data: the bundle's stages 2-4 drew their examples from the
+    # next seed after stages 0-1 (twentieth run, docs/tiny_model_runs.md), so one command reproduces it.
+    seed_offset: int = 0
 
 
 def default_stages(scale: float = 1.0) -> list[Stage]:
@@ -87,13 +90,14 @@ def default_stages(scale: float = 1.0) -> list[Stage]:
         # that must read the caption (Stage.first_cell_weight; nineteenth and twentieth runs,
         # docs/tiny_model_runs.md).
         Stage("2-joint-pretrain", n(2600), 1e-3, {"generate": 0.85, "understand": 0.15}, SQUARE,
-              gen_objects=(1, 1, 1, 2), first_cell_weight=FIRST_CELL_WEIGHT),
+              gen_objects=(1, 1, 1, 2), first_cell_weight=FIRST_CELL_WEIGHT, seed_offset=1),
         Stage("3-multi-resolution", n(2400), 7e-4, {"generate": 0.8, "understand": 0.2}, ALL_CANVASES,
-              first_cell_weight=FIRST_CELL_WEIGHT),
+              first_cell_weight=FIRST_CELL_WEIGHT, seed_offset=1),
         # Edits weigh the same start cells, and also where each change begins; they take 55% of the steps
         # (twenty-first and twenty-second runs, docs/tiny_model_runs.md).
         Stage("4-unified-finetune", n(1800), 5e-4, {"generate": 0.30, "understand": 0.15, "edit": 0.55}, ALL_CANVASES,
-              edit_from_generation=True, first_cell_weight=FIRST_CELL_WEIGHT, edit_start_cells="objects+changes"),
+              edit_from_generation=True, first_cell_weight=FIRST_CELL_WEIGHT, edit_start_cells="objects+changes",
+              seed_offset=1),
     ]
 
 
@@ -435,7 +439,7 @@ def run_stage(index: int, stage: Stage, model: WallarooModel, tok: TextTokenizer
             before_step()
         # Every rank takes the same task and canvas (drawn from rank 0's stream): a data-parallel step waits
         # for its slowest rank, and an edit batch is half again as long as a generation batch.
-        step_seed = seed * 1_000_003 + index * 10_000_019 + step * 131
+        step_seed = (seed + stage.seed_offset) * 1_000_003 + index * 10_000_019 + step * 131
         rng = random.Random(step_seed)
         task = rng.choices(tasks, weights)[0]
         canvas = rng.choice(stage.canvases)
