@@ -70,7 +70,7 @@ class Stage:
     # differs from the source's).
     edit_start_cells: str = "none"
     # Added to the run's --seed for this stage's data: the bundle's stages 2-4 drew their examples from the
-    # next seed after stages 0-1 (twentieth run, docs/tiny_model_runs.md), so one command reproduces it.
+    # next seed after stages 0-1 (twentieth run, docs/tiny_model_runs.md), so one command draws that data order.
     seed_offset: int = 0
 
 
