@@ -93,9 +93,10 @@ def default_stages(scale: float = 1.0) -> list[Stage]:
               gen_objects=(1, 1, 1, 2), first_cell_weight=FIRST_CELL_WEIGHT, seed_offset=1),
         Stage("3-multi-resolution", n(2400), 7e-4, {"generate": 0.8, "understand": 0.2}, ALL_CANVASES,
               first_cell_weight=FIRST_CELL_WEIGHT, seed_offset=1),
-        # Edits weigh the same start cells, and also where each change begins; they take 55% of the steps
-        # (twenty-first and twenty-second runs, docs/tiny_model_runs.md).
-        Stage("4-unified-finetune", n(1800), 5e-4, {"generate": 0.30, "understand": 0.15, "edit": 0.55}, ALL_CANVASES,
+        # Edits weigh the same start cells, and also where each change begins. Edits are step-limited: 60% of
+        # 3,600 steps edit 0.63 where 55% of 1,800 edited 0.465, and generation holds on a fifth of the steps
+        # (twenty-second, twenty-seventh and twenty-eighth runs, docs/tiny_model_runs.md).
+        Stage("4-unified-finetune", n(3600), 5e-4, {"generate": 0.20, "understand": 0.20, "edit": 0.60}, ALL_CANVASES,
               edit_from_generation=True, first_cell_weight=FIRST_CELL_WEIGHT, edit_start_cells="objects+changes",
               seed_offset=1),
     ]
