@@ -223,3 +223,22 @@ def test_cell_local_encoding_gives_a_cell_its_code_from_its_own_pixels_only() ->
         codes = local.encode(flat)
         assert codes.unique().numel() == 1
         assert local.decode_codes(codes).shape == (1, 3, 32, 48)
+
+
+def test_cell_local_encoding_without_grad_encodes_each_distinct_cell_once() -> None:
+    """Inference and the stages' frozen VQ encode repeated cells once; latents match encoding every cell."""
+    torch.manual_seed(1)
+    cfg = VQConfig(codebook_size=64, codebook_embed_dim=8, ch=16, ch_mult=(1, 2, 2, 4), num_res_blocks=1,
+                   z_channels=64, norm_groups=8, cell_local=True)
+    vq = VQModel(cfg).eval()
+    images = torch.full((2, 3, 32, 48), -0.5)
+    images[1] = 0.25
+    images[0, :, 8:24, 24:40] = torch.rand(3, 16, 16) * 2 - 1
+    seen = []
+    vq.encoder.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[0]))
+    with torch.no_grad():
+        dedup = vq.encode_features(images)
+    with torch.enable_grad():
+        every = vq.encode_features(images).detach()
+    assert seen == [2 + 4, 2 * 4 * 6]  # two flat colours and four object cells, then all 48 cells
+    torch.testing.assert_close(dedup, every)
