@@ -18,7 +18,9 @@ How a request runs:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import html
+import io
 import logging
 import os
 import queue
@@ -32,6 +34,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import gradio as gr
+from gradio.utils import get_upload_folder
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from wallaroo_nodes.engine import images
@@ -426,7 +429,7 @@ class WallarooDemo:
 
     def generate(self, prompt: str, size: str | None, cfg: float | None, seed: Any, n: Any,
                  request: gr.Request | None = None, progress: gr.Progress = gr.Progress()
-                 ) -> Iterator[tuple[list[Image.Image], str]]:
+                 ) -> Iterator[tuple[list[str], str]]:
         """Yield (images so far, status) after each decoded row, then the finished images."""
         try:
             prompt = self.check_text(prompt, "prompt")
@@ -443,11 +446,11 @@ class WallarooDemo:
                                       on_row=self._row_reporter(record, emit), should_cancel=should_cancel)
 
         what = f"{count} image{'s' if count > 1 else ''} of {out_size[0]} × {out_size[1]}"
-        yield from self._image_stream(record, work, what, progress, lambda ims: ims)
+        yield from self._image_stream(record, work, what, progress, lambda ims: [self._served(im) for im in ims])
 
     def edit(self, image: str | Image.Image | None, instruction: str, cfg: float | None, seed: Any,
              request: gr.Request | None = None, progress: gr.Progress = gr.Progress()
-             ) -> Iterator[tuple[tuple[Image.Image, Image.Image], str]]:
+             ) -> Iterator[tuple[tuple[str, str], str]]:
         """Yield ((before, after so far), status) after each decoded row, then the finished edit."""
         try:
             instruction = self.check_text(instruction, "instruction")
@@ -467,7 +470,24 @@ class WallarooDemo:
                                   should_cancel=should_cancel)
 
         yield from self._image_stream(record, work, f"an edit of {out_h} × {out_w}", progress,
-                                      lambda ims: (before, ims[0]))
+                                      lambda ims: (self._served(before), self._served(ims[0])))
+
+    @staticmethod
+    def _served(image: Image.Image) -> str:
+        """Write `image` as a PNG into Gradio's file cache, complete before its name appears; returns the path."""
+        # Gradio's own PIL save writes in place at a path named by the content, so two requests that show the
+        # same picture at once (a shared "before", a repeated seed) could serve a half-written or empty file.
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        data = buffer.getvalue()
+        folder = Path(get_upload_folder()) / hashlib.sha256(data).hexdigest()
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / "image.png"
+        if not path.exists():
+            staging = folder / f".image.{threading.get_ident()}.{time.monotonic_ns()}.png"
+            staging.write_bytes(data)
+            os.replace(staging, path)  # atomic: readers see no file or the whole file
+        return str(path)
 
     @staticmethod
     def _row_reporter(record: RunRecord, emit: Callable[[tuple], None]) -> Callable[[RowProgress], None]:

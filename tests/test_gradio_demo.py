@@ -220,6 +220,31 @@ def test_limits_at_the_function_level(model_folder):
 
 
 # --- queue, concurrency, stop ------------------------------------------------------------------------
+def test_a_picture_served_to_many_requests_at_once_is_always_whole():
+    """Two requests showing the same picture at once (the shared "before" of edits of one example) each get
+    a complete PNG: Gradio's own in-place save let a reader see an empty file (CI failure of stop 31)."""
+    picture = Image.new("RGB", (32, 32), (int(time.time_ns()) % 256, 40, 200))  # new content, new cache path
+    barrier = threading.Barrier(8)
+    sizes, errors = [], []
+
+    def serve_and_read():
+        barrier.wait()
+        try:
+            for _ in range(20):
+                with Image.open(WallarooDemo._served(picture)) as im:
+                    im.load()  # every byte, not just the header
+                    sizes.append(im.size)
+        except Exception as exc:  # collected: an assert in a thread would be lost
+            errors.append(exc)
+
+    threads = [threading.Thread(target=serve_and_read) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and sizes == [(32, 32)] * 160
+
+
 def test_concurrent_requests_all_complete_one_engine_run_at_a_time(server):
     demo, url = server
     clients = [Client(url, verbose=False) for _ in range(3)]
@@ -281,7 +306,7 @@ def test_stop_ends_the_engine_run_within_a_row(model_folder):
     outputs = demo.generate(PROMPT, "48x32", 2.0, 0, 1)
     first_images, first_status = next(outputs)
     assert text(first_status).endswith("row 1 of 3…") and 'value="1"' in first_status
-    assert first_images[0].size == (32, 48)
+    assert image_size(first_images[0]) == (32, 48)
     report = demo.stop_and_report("generate")  # no request: the "local" session
     assert text(report) == "Stopped after row 1 of 3." and 'value="1"' in report
     rest = list(outputs)
@@ -289,11 +314,11 @@ def test_stop_ends_the_engine_run_within_a_row(model_folder):
     assert record.ended.is_set()
     assert record.status == "cancelled" and record.rows_done == 1 and record.rows_total == 3
     assert text(rest[-1][1]) == "Stopped after row 1 of 3."
-    assert rest[-1][0][0].size == (32, 48), "the last preview stays on screen"
+    assert image_size(rest[-1][0][0]) == (32, 48), "the last preview stays on screen"
     assert demo.stop("generate") == [], "a finished run leaves no cancel flag behind"
     # The lock is free again and the next run completes.
     images, status = list(demo.generate(PROMPT, "32x32", 2.0, 0, 1))[-1]
-    assert text(status).startswith("Done") and images[0].size == (32, 32)
+    assert text(status).startswith("Done") and image_size(images[0]) == (32, 32)
 
 
 def test_stop_while_waiting_for_the_model(model_folder):
@@ -326,7 +351,7 @@ def test_stop_only_touches_its_own_session_and_task(model_folder):
     other = type("Other", (), {"session_hash": "visitor-b"})()
     assert demo.stop("edit", other) == []
     (before, after), status = list(outputs)[-1]
-    assert text(status).startswith("Done") and before.size == after.size == (32, 32)
+    assert text(status).startswith("Done") and image_size(before) == image_size(after) == (32, 32)
 
 
 def test_client_cancel_stops_the_engine(server):
@@ -372,7 +397,7 @@ def test_examples_run_on_the_model(model_folder):
         assert text(status).startswith("Done") and len(images) == 1
     for name, instruction in EDIT_EXAMPLES[:2]:
         (before, after), status = list(demo.edit(str(EXAMPLES_DIR / name), instruction, None, 0))[-1]
-        assert text(status).startswith("Done") and before.size == after.size
+        assert text(status).startswith("Done") and image_size(before) == image_size(after)
 
 
 def test_model_comes_from_the_environment(model_folder, monkeypatch):
