@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,8 @@ from wallaroo_nodes.engine.model import WallarooModel
 from wallaroo_nodes.engine.text import TextTokenizer
 from wallaroo_nodes.engine.weights import load_model
 from wallaroo_nodes.train.data import collate, make_example
-from wallaroo_nodes.train.recipe import (Stage, TrainingModel, copy_generation_into_edit, default_stages, main,
+from wallaroo_nodes.train.recipe import (Stage, TrainingModel, build_or_resume, copy_generation_into_edit,
+                                         default_stages, main,
                                          object_start_cells, region_start_cells,
                                          run_stage, step_context, tiny_model_config, trainable_parameters)
 from wallaroo_nodes.train.tokenizer import train_tokenizer
@@ -183,6 +185,19 @@ def test_recipe_runs_end_to_end_resumes_and_exports(tmp_path, threads, capsys):
     assert main(args) == 0
     after = (out / "train_log.jsonl").read_text()
     assert [json.loads(x).get("event") for x in after[len(before):].splitlines()] == ["started", "finished"]
+    # A folder assembled from this run's first four stages (to rerun stage 4 alone) resumes from stage 3's
+    # weights, not from random ones, though it has no latest_model.pt.
+    assembled = tmp_path / "assembled"
+    assembled.mkdir()
+    for name in ["tokenizer.json", "tokens.json", "vq.pt", "vision.pt", "vision.done",
+                 *[f"stage{i}.{ext}" for i in range(4) for ext in ("pt", "done")]]:
+        shutil.copy(out / name, assembled / name)
+    resumed, _ = build_or_resume(assembled, 0, torch.device("cpu"), 0)
+    stage3 = torch.load(out / "stage3.pt", weights_only=True)["model"]
+    assert all(torch.equal(value, stage3[name]) for name, value in resumed.state_dict().items())
+    (assembled / "stage3.pt").unlink()
+    with pytest.raises(FileNotFoundError, match="marks stage 3 finished but holds neither"):
+        build_or_resume(assembled, 0, torch.device("cpu"), 0)
 
 
 def test_recipe_trains_data_parallel_under_torchrun(tmp_path):

@@ -502,10 +502,32 @@ def build_or_resume(out: Path, seed: int, device: torch.device, rank: int) -> tu
     torch.manual_seed(seed)
     model = WallarooModel(cfg).to(device)
     _init_weights(model)
-    latest = out / "latest_model.pt"
-    if latest.exists():
-        load_training_state(model, torch.load(latest, map_location=device, weights_only=True)["model"])
+    weights = last_finished_weights(out)
+    if weights is not None:
+        load_training_state(model, torch.load(weights, map_location=device, weights_only=True)["model"])
     return model, TextTokenizer(tok_path, cfg.tokens)
+
+
+def last_finished_weights(out: Path) -> Path | None:
+    """The checkpoint holding the model as the last finished stage left it (None before any stage finishes).
+
+    That stage's own checkpoint (saved at its final step) is exact even in a folder assembled from another
+    run's finished stages, whose `latest_model.pt` may be missing or from a later stage; `latest_model.pt`
+    (written as each stage ends) serves folders that kept only it. A done marker with neither would otherwise
+    restart the later stages from random weights without a word.
+    """
+    finished = sorted(int(p.stem.removeprefix("stage")) for p in out.glob("stage*.done")
+                      if p.stem.removeprefix("stage").isdigit())
+    if not finished:
+        return None
+    last = finished[-1]
+    latest, own = out / "latest_model.pt", out / f"stage{last}.pt"
+    if own.exists():
+        return own
+    if latest.exists():
+        return latest
+    raise FileNotFoundError(f"{out} marks stage {last} finished but holds neither latest_model.pt nor "
+                            f"stage{last}.pt; delete stage{last}.done to retrain that stage, or restore its weights")
 
 
 def vq_steps_done(out: Path) -> int:
