@@ -469,8 +469,7 @@ def run_stage(index: int, stage: Stage, model: WallarooModel, tok: TextTokenizer
             log(json.dumps({"stage": stage.name, "step": step + 1, **{k: round(v, 4) for k, v in ema.items()},
                             "samples_per_s": round(seen / (time.time() - t0), 1),
                             "precision": str(precision).removeprefix("torch.")}))
-    if rank == 0:
-        torch.save({"model": model.state_dict()}, out / "latest_model.pt")
+    if rank == 0:  # the checkpoint saved at the last step holds the finished stage (last_finished_weights)
         done_marker.write_text(json.dumps({"seconds": time.time() - t0}))
     if world > 1:
         dist.barrier()
@@ -512,9 +511,9 @@ def last_finished_weights(out: Path) -> Path | None:
     """The checkpoint holding the model as the last finished stage left it (None before any stage finishes).
 
     That stage's own checkpoint (saved at its final step) is exact even in a folder assembled from another
-    run's finished stages, whose `latest_model.pt` may be missing or from a later stage; `latest_model.pt`
-    (written as each stage ends) serves folders that kept only it. A done marker with neither would otherwise
-    restart the later stages from random weights without a word.
+    run's finished stages; `latest_model.pt` (which older versions wrote as each stage ended) serves folders
+    that kept only it. A done marker with neither would otherwise restart the later stages from random weights
+    without a word.
     """
     finished = sorted(int(p.stem.removeprefix("stage")) for p in out.glob("stage*.done")
                       if p.stem.removeprefix("stage").isdigit())
