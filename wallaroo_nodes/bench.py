@@ -49,7 +49,7 @@ CONFIGS = ("tiny-test", "tiny", "mid", "7b")
 PROMPT = "a red circle on the left and a blue square on the right, white background"
 EDIT = "make the circle green"
 QUESTION = "Describe this image in detail."
-TINY_VOCAB = 1088
+TINY_VOCAB = 768
 
 _CORPUS = [
     "You are a helpful assistant.",
