@@ -18,6 +18,7 @@ Only the engine's own dependencies are used.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import tempfile
@@ -49,7 +50,6 @@ CONFIGS = ("tiny-test", "tiny", "mid", "7b")
 PROMPT = "a red circle on the left and a blue square on the right, white background"
 EDIT = "make the circle green"
 QUESTION = "Describe this image in detail."
-TINY_VOCAB = 768
 
 _CORPUS = [
     "You are a helpful assistant.",
@@ -89,10 +89,14 @@ def random_config(name: str, tokens: dict[str, int]) -> WallarooConfig:
             sampling=SamplingDefaults(generate_cfg=2.0, generate_top_k=0, edit_cfg=2.0, edit_top_k=0),
             tokens=tokens, weights_dtype="float32")
     elif name == "tiny":  # the bundled trained tiny model's architecture (wallaroo_nodes/train/recipe.py)
+        from .engine.cache import bundled_models
         from .train.recipe import tiny_model_config
 
-        # Its tokenizer has ~1,060 entries; the recipe rounds the vocabulary up to a multiple of 64.
-        cfg = replace(tiny_model_config(tokens, TINY_VOCAB), name="bench-tiny")
+        # The bundle's own vocabulary (its tokenizer, rounded up to a multiple of 64 by the recipe), read from
+        # its config so a retrained bundle needs no edit here.
+        bundled = json.loads((bundled_models()["tiny"] / "config.json").read_text())
+        vocab = WallarooConfig.from_dict(bundled).llm.vocab_size
+        cfg = replace(tiny_model_config(tokens, vocab), name="bench-tiny")
     elif name == "mid":  # a CPU-sized model with the official protocol, sizes and codebook
         cfg = WallarooConfig(
             name="bench-mid",
