@@ -19,7 +19,7 @@ from wallaroo_nodes.train.recipe import (Stage, TrainingModel, build_or_resume, 
                                          run_stage, step_context, tiny_model_config, trainable_parameters)
 from wallaroo_nodes.train.tokenizer import train_tokenizer
 from wallaroo_nodes.engine.config import ProtocolConfig
-from wallaroo_nodes.shapes import CANVAS_SIZES
+from wallaroo_nodes.shapes import CANVAS_SIZES, analyse
 
 
 @pytest.fixture(scope="module")
@@ -157,6 +157,61 @@ def test_multi_turn_understanding_trains_on_every_answer_and_nothing_else(setup)
     for index, token in zip(batch.text_target_index.tolist(), targets):
         assert batch.ids[0, index + 1] == token
     assert batch.position_ids[0, 0, -1] == batch.position_ids[0, 0, len(multi.prompt.ids)] + len(multi.answer_ids) - 1
+
+
+def _answers(example, tok, cfg) -> list[str]:
+    """Each turn's decoded answer of an understanding example."""
+    targets = collate([example], cfg).text_targets.tolist()
+    im_end = cfg.token_id("<|im_end|>")
+    out, turn = [], []
+    for token in targets:
+        if token == im_end:
+            out.append(tok.decode(turn).strip())
+            turn = []
+        else:
+            turn.append(token)
+    return out
+
+
+def test_question_kind_weights_steer_which_questions_understanding_asks(setup):
+    tok, cfg = setup
+    places = {"left", "centre", "right", "左边", "中间", "右边"}
+
+    def is_place(answer: str) -> bool:
+        return all(part.strip() in places for part in answer.replace("和", " and ").split(" and "))
+
+    weighted = [a for seed in range(12) for a in _answers(make_example(
+        "understand", random.Random(seed), tok, cfg, [(64, 64)], qa_turns=3, qa_kind_weights={"position": 1e6}),
+        tok, cfg)]
+    uniform = [a for seed in range(12) for a in _answers(make_example(
+        "understand", random.Random(seed), tok, cfg, [(64, 64)], qa_turns=3), tok, cfg)]
+    assert len(weighted) == 36 and all(is_place(a) for a in weighted), weighted
+    assert sum(is_place(a) for a in uniform) < 18, uniform  # a seventh of uniform questions are positions
+    with pytest.raises(ValueError, match="qa_kind_weights names unknown kinds.*'where'"):
+        make_example("understand", random.Random(0), tok, cfg, [(64, 64)], qa_kind_weights={"where": 2.0})
+
+
+def test_edit_kind_weights_steer_which_edits_are_drawn(setup):
+    tok, cfg = setup
+
+    def is_recolour(example) -> bool:
+        """Read back from the rendered images: one object's colour changed, nothing else."""
+        before, after = analyse(example.source_image), analyse(example.target_image)
+        if before.background != after.background or len(before.objects) != len(after.objects):
+            return False
+        changed = [(a, b) for a, b in zip(before.objects, after.objects) if a != b]
+        return len(changed) == 1 and changed[0][0].colour != changed[0][1].colour and \
+            (changed[0][0].shape, changed[0][0].size, changed[0][0].position) == \
+            (changed[0][1].shape, changed[0][1].size, changed[0][1].position)
+
+    def draw(**kw) -> list:
+        return [make_example("edit", random.Random(seed), tok, cfg, [(64, 64)], uncond_prob=0.0, **kw)
+                for seed in range(20)]
+
+    assert all(is_recolour(e) for e in draw(edit_kind_weights={"recolour": 1e6}))
+    assert sum(is_recolour(e) for e in draw()) < 10  # a fifth of uniform edits recolour
+    with pytest.raises(ValueError, match="edit_kind_weights names unknown kinds.*'recolor'"):
+        make_example("edit", random.Random(0), tok, cfg, [(64, 64)], edit_kind_weights={"recolor": 2.0})
 
 
 @pytest.mark.parametrize("threads", [1, 2], ids=["vq-before-stage0", "vq-in-side-process"])

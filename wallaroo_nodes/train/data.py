@@ -16,7 +16,8 @@ from ..engine import images
 from ..engine.config import WallarooConfig
 from ..engine.protocol import Prompt, build_edit, build_generate, build_understand, follow_up_ids
 from ..engine.text import TextTokenizer
-from ..shapes import LANGS, caption, edit_instruction, question_answer, random_scene, render
+from ..shapes import (EDIT_KINDS, LANGS, QA_KINDS, caption, edit_instruction, edit_kinds, question_answer,
+                      random_scene, render)
 
 TASKS = ("understand", "generate", "edit")
 
@@ -38,18 +39,32 @@ class Example:
 
 def make_example(task: str, rng: random.Random, tok: TextTokenizer, cfg: WallarooConfig,
                  canvases: list[tuple[int, int]], uncond_prob: float = 0.1, qa_turns: int = 1,
-                 n_objects: int | None = None) -> Example:
+                 n_objects: int | None = None, qa_kind_weights: dict[str, float] | None = None,
+                 edit_kind_weights: dict[str, float] | None = None) -> Example:
     """A random example of a task on one of the given canvases; prompts are dropped for CFG with uncond_prob.
 
     `n_objects` fixes the scene's object count (1 or 2); None draws it.
+    `qa_kind_weights` and `edit_kind_weights` weigh question and edit kinds (a kind left out weighs 1); None
+    draws them uniformly.
     Understanding examples ask `qa_turns` questions about the image in one chat: every answer is a training
     target for the price of one pass through the vision tower.
     """
+    for name, weights, kinds in (("qa_kind_weights", qa_kind_weights, QA_KINDS),
+                                 ("edit_kind_weights", edit_kind_weights, EDIT_KINDS)):
+        unknown = set(weights or ()) - set(kinds)
+        if unknown:
+            raise ValueError(f"{name} names unknown kinds {sorted(unknown)}; kinds are {kinds}")
     canvas = rng.choice(canvases)
     lang = rng.choice(LANGS)
     scene = random_scene(rng, canvas=canvas, n_objects=n_objects)
     if task == "understand":
-        question, answer = question_answer(scene, lang, rng)
+        def ask() -> tuple[str, str]:
+            if qa_kind_weights is None:  # the uniform draw earlier runs' data orders were made with
+                return question_answer(scene, lang, rng)
+            kind = rng.choices(QA_KINDS, [qa_kind_weights.get(k, 1.0) for k in QA_KINDS])[0]
+            return question_answer(scene, lang, rng, kind=kind)
+
+        question, answer = ask()
         image = render(scene)
         patches, grid = images.vision_inputs(image, cfg.vision)
         prompt = build_understand(tok, cfg, question, grid)
@@ -57,7 +72,7 @@ def make_example(task: str, rng: random.Random, tok: TextTokenizer, cfg: Wallaro
         ids = tok.encode(answer) + [im_end]
         targets = [True] * len(ids)
         for _ in range(qa_turns - 1):
-            question, answer = question_answer(scene, lang, rng)
+            question, answer = ask()
             turn = follow_up_ids(tok, cfg, question)
             reply = tok.encode(answer) + [im_end]
             ids += turn + reply
@@ -69,7 +84,12 @@ def make_example(task: str, rng: random.Random, tok: TextTokenizer, cfg: Wallaro
         prompt = build_generate(tok, cfg, text, canvas, lang=lang)
         return Example(task, prompt, target_image=render(scene))
     if task == "edit":
-        instruction, target = edit_instruction(scene, lang, rng)
+        if edit_kind_weights is None:  # the uniform draw earlier runs' data orders were made with
+            instruction, target = edit_instruction(scene, lang, rng)
+        else:
+            kinds = edit_kinds(scene)
+            kind = rng.choices(kinds, [edit_kind_weights.get(k, 1.0) for k in kinds])[0]
+            instruction, target = edit_instruction(scene, lang, rng, kind=kind)
         source = render(scene)
         if rng.random() < uncond_prob:
             if cfg.protocol.edit_uncond_keeps_source:

@@ -57,6 +57,9 @@ class Stage:
     # Questions asked per understanding image, each answer a target: the LLM is slow to learn to find the
     # object among the vision tokens, and every extra answer about the same image is one more signal for that.
     qa_turns: int = 3
+    # Weights of understanding question kinds and of edit kinds (a kind left out weighs 1); None: uniform.
+    qa_kind_weights: dict[str, float] | None = None
+    edit_kind_weights: dict[str, float] | None = None
     # Object counts drawn for generation scenes (understanding and editing always see one or two objects).
     gen_objects: tuple[int, ...] = (1, 2)
     # Start the editing head and adapters as copies of generation's (they predict and embed the same VQ codes)
@@ -451,6 +454,7 @@ def run_stage(index: int, stage: Stage, model: WallarooModel, tok: TextTokenizer
             rng = random.Random(step_seed + rank)  # each rank's own examples
         per_rank = max(1, stage.batch_size // world)
         batch = collate([make_example(task, rng, tok, model.cfg, [canvas], qa_turns=stage.qa_turns,
+                                      qa_kind_weights=stage.qa_kind_weights, edit_kind_weights=stage.edit_kind_weights,
                                       n_objects=rng.choice(stage.gen_objects) if task == "generate" else None)
                          for _ in range(per_rank)], model.cfg)
         for g in opt.param_groups:
