@@ -18,7 +18,6 @@ Only the engine's own dependencies are used.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import tempfile
@@ -94,8 +93,7 @@ def random_config(name: str, tokens: dict[str, int]) -> WallarooConfig:
 
         # The bundle's own vocabulary (its tokenizer, rounded up to a multiple of 64 by the recipe), read from
         # its config so a retrained bundle needs no edit here.
-        bundled = json.loads((bundled_models()["tiny"] / "config.json").read_text())
-        vocab = WallarooConfig.from_dict(bundled).llm.vocab_size
+        vocab = WallarooConfig.load(bundled_models()["tiny"] / "config.json").llm.vocab_size
         cfg = replace(tiny_model_config(tokens, vocab), name="bench-tiny")
     elif name == "mid":  # a CPU-sized model with the official protocol, sizes and codebook
         cfg = WallarooConfig(

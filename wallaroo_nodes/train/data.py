@@ -37,6 +37,11 @@ class Example:
     pixel_source: torch.Tensor | None = None                  # edit: (1, 3, H, W) VQ input in [-1, 1]
 
 
+def _weighted_kind(rng: random.Random, kinds: tuple[str, ...], weights: dict[str, float]) -> str:
+    """One of `kinds`, drawn by `weights` (a kind they leave out weighs 1)."""
+    return rng.choices(kinds, [weights.get(k, 1.0) for k in kinds])[0]
+
+
 def make_example(task: str, rng: random.Random, tok: TextTokenizer, cfg: WallarooConfig,
                  canvases: list[tuple[int, int]], uncond_prob: float = 0.1, qa_turns: int = 1,
                  n_objects: int | None = None, qa_kind_weights: dict[str, float] | None = None,
@@ -61,8 +66,7 @@ def make_example(task: str, rng: random.Random, tok: TextTokenizer, cfg: Wallaro
         def ask() -> tuple[str, str]:
             if qa_kind_weights is None:  # the uniform draw earlier runs' data orders were made with
                 return question_answer(scene, lang, rng)
-            kind = rng.choices(QA_KINDS, [qa_kind_weights.get(k, 1.0) for k in QA_KINDS])[0]
-            return question_answer(scene, lang, rng, kind=kind)
+            return question_answer(scene, lang, rng, kind=_weighted_kind(rng, QA_KINDS, qa_kind_weights))
 
         question, answer = ask()
         image = render(scene)
@@ -87,8 +91,7 @@ def make_example(task: str, rng: random.Random, tok: TextTokenizer, cfg: Wallaro
         if edit_kind_weights is None:  # the uniform draw earlier runs' data orders were made with
             instruction, target = edit_instruction(scene, lang, rng)
         else:
-            kinds = edit_kinds(scene)
-            kind = rng.choices(kinds, [edit_kind_weights.get(k, 1.0) for k in kinds])[0]
+            kind = _weighted_kind(rng, edit_kinds(scene), edit_kind_weights)
             instruction, target = edit_instruction(scene, lang, rng, kind=kind)
         source = render(scene)
         if rng.random() < uncond_prob:
