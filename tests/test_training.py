@@ -378,19 +378,56 @@ def test_scene_parse_targets_name_each_slot():
     assert (got["right.shape"], got["right.colour"], got["right.size"]) == (2, 2, 1)
 
 
+def test_scene_descriptions_single_out_their_object_and_targets_read_its_place():
+    from wallaroo_nodes.shapes import Obj, Scene
+    from wallaroo_nodes.train.vision_pretrain import FIND_ATTRIBUTES, IGNORE, PARSE_FIELDS, scene_descriptions, scene_targets
+    big_red_left, big_red_right = Obj("circle", "red", "large", "left"), Obj("circle", "red", "large", "right")
+    scene = Scene((64, 64), "gray", (big_red_left, Obj("circle", "blue", "large", "centre"), big_red_right))
+    absent = [len(values) for _, values in FIND_ATTRIBUTES]
+    seen = set()
+    for seed in range(40):
+        descriptions = scene_descriptions(scene, random.Random(seed))
+        # The two red circles differ only in place: no description can name one of them.
+        assert descriptions[0] == absent and descriptions[2] == absent
+        # The blue one is named by colour, perhaps with shape and size, never without colour.
+        assert descriptions[1][1] == 2 and descriptions[1] != absent
+        seen.add(tuple(descriptions[1]))
+        got = dict(zip((name for name, _ in PARSE_FIELDS), scene_targets(scene, descriptions)))
+        assert (got["find1.position"], got["find1.colour"]) == (1, 2)
+        assert got["find0.position"] == got["find2.position"] == IGNORE
+    assert len(seen) == 4  # colour alone, with shape, with size, with both
+
+    two = Scene((64, 64), "white", (Obj("square", "green", "small", "right"), Obj("triangle", "green", "large", "left")))
+    descriptions = scene_descriptions(two, random.Random(0))
+    assert descriptions[2] == absent  # two objects, padded to three queries
+    for k, obj in enumerate(two.objects):
+        named = {name: values[i] for (name, values), i in zip(FIND_ATTRIBUTES, descriptions[k]) if i < len(values)}
+        assert "colour" not in named or len(named) > 1  # green alone names both
+        matches = [o for o in two.objects if all(getattr(o, a) == v for a, v in named.items())]
+        assert matches == [obj]
+    got = dict(zip((name for name, _ in PARSE_FIELDS), scene_targets(two, descriptions)))
+    assert (got["find0.position"], got["find0.shape"], got["find1.position"], got["find1.shape"]) == (0, 2, 2, 1)
+    # Without descriptions (as before), every find field is ignored.
+    assert all(v == IGNORE for name, v in zip((n for n, _ in PARSE_FIELDS), scene_targets(two)) if name.startswith("find"))
+
+
 def test_vision_pretraining_learns_to_parse_scenes_and_resumes(setup, tmp_path):
     from wallaroo_nodes.engine.vision import VisionTower
-    from wallaroo_nodes.train.vision_pretrain import SceneParseHead, parse_loss, pretrain_vision, scene_batch
+    from wallaroo_nodes.shapes import POSITIONS
+    from wallaroo_nodes.train.vision_pretrain import (FIND_FIELDS, PARSE_FIELDS, SceneParseHead, parse_loss,
+                                                      pretrain_vision, scene_batch)
     _, cfg = setup
     torch.manual_seed(0)
     tower = VisionTower(cfg.vision)
-    patches, grids, counts, targets = scene_batch(random.Random(12345), cfg.vision, 24)  # held out
+    patches, grids, counts, descriptions, targets = scene_batch(random.Random(12345), cfg.vision, 24)  # held out
+    n_slot_fields = len(PARSE_FIELDS) - len(POSITIONS) * len(FIND_FIELDS)  # background and slots, not finds
 
     def held_out_loss() -> float:
         head = SceneParseHead(cfg.vision.out_hidden_size)
         head.load_state_dict(torch.load(tmp_path / "vision.pt", weights_only=True)["head"])
         with torch.no_grad():
-            return parse_loss(head(tower(patches, grids), counts), targets)[0].item()
+            logits = head(tower(patches, grids), counts, descriptions)
+            return parse_loss(logits[:n_slot_fields], targets[:, :n_slot_fields])[0].item()
 
     pretrain_vision(tower, 2, tmp_path, 0, torch.device("cpu"), batch_size=8, log=lambda line: None)
     early = held_out_loss()

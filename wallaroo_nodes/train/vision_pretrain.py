@@ -5,11 +5,18 @@ bundled fifth-to-seventh runs answered shape, size and position questions at cha
 scenes, and 600 more understanding steps did not move them (README, #3). So before stage 0 the tower learns
 to parse scenes: the background colour, and for each horizontal slot whether it holds an object and that
 object's shape, colour and size, read through attention pooling with one learned query per slot (what an
-LLM attention head does when a question names an object by place or asks where it is). The head is thrown
-away afterwards.
+LLM attention head does when a question names an object by place). The head is thrown away afterwards.
+
+Slot queries find an object by its place. Questions and edits also name an object by what it is ("where is
+the red circle?", "make the square blue"), and with two objects the bundled thirty-fourth run answered with
+the left-hand one whenever the right-hand one was named (README, #3). So the head also finds objects by
+description: a query built from one to three of an object's attributes (the subsets a reference may use)
+pools the tokens and must read that object's place and attributes, which asks the tower's tokens for keys
+that a description can match.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import random
 import time
@@ -31,11 +38,41 @@ SLOT_FIELDS: tuple[tuple[str, int], ...] = (("present", 2), ("shape", len(SHAPES
 # (name, classes) of every read-out: the background, then per slot presence, shape, colour, size.
 PARSE_FIELDS: tuple[tuple[str, int], ...] = (("background", len(BACKGROUND_COLOURS)),) + tuple(
     (f"{slot}.{attr}", n) for slot in POSITIONS for attr, n in SLOT_FIELDS)
+FIND_ATTRIBUTES: tuple[tuple[str, tuple[str, ...]], ...] = (("shape", SHAPES), ("colour", OBJECT_COLOURS),
+                                                              ("size", SIZES))
+FIND_FIELDS: tuple[tuple[str, int], ...] = (("position", len(POSITIONS)),) + tuple(
+    (name, len(values)) for name, values in FIND_ATTRIBUTES)
+# One description query per object, at most one object per slot; the same read-out serves every query.
+PARSE_FIELDS += tuple((f"find{k}.{name}", n) for k in range(len(POSITIONS)) for name, n in FIND_FIELDS)
 IGNORE = -100  # attributes of an empty slot
 
 
-def scene_targets(scene: Scene) -> list[int]:
-    """The class index of every PARSE_FIELDS entry for a scene (IGNORE for an empty slot's attributes)."""
+def scene_descriptions(scene: Scene, rng: random.Random) -> list[list[int]]:
+    """Per object (in slot order, padded to len(POSITIONS)): the FIND_ATTRIBUTES indices of a random description
+    that singles it out, with len(values) for an attribute left out; all left out for no query.
+
+    An object that only its place tells apart from another gets no query: its description names two objects.
+    """
+    absent = [len(values) for _, values in FIND_ATTRIBUTES]
+    out = []
+    for obj in scene.objects:
+        others = [o for o in scene.objects if o != obj]
+        subsets = [combo for k in range(1, len(FIND_ATTRIBUTES) + 1)
+                   for combo in itertools.combinations(range(len(FIND_ATTRIBUTES)), k)
+                   if all(any(getattr(o, FIND_ATTRIBUTES[a][0]) != getattr(obj, FIND_ATTRIBUTES[a][0]) for a in combo)
+                          for o in others)]
+        if not subsets:
+            out.append(list(absent))
+            continue
+        combo = rng.choice(subsets)
+        out.append([values.index(getattr(obj, name)) if a in combo else absent[a]
+                    for a, (name, values) in enumerate(FIND_ATTRIBUTES)])
+    return out + [list(absent)] * (len(POSITIONS) - len(out))
+
+
+def scene_targets(scene: Scene, descriptions: list[list[int]] | None = None) -> list[int]:
+    """The class index of every PARSE_FIELDS entry for a scene (IGNORE for an empty slot's attributes and for
+    description queries that are absent, or all of them when `descriptions` is None)."""
     out = [BACKGROUND_COLOURS.index(scene.background)]
     for slot in POSITIONS:
         obj = scene.object_at(slot)
@@ -43,15 +80,25 @@ def scene_targets(scene: Scene) -> list[int]:
             out += [0, IGNORE, IGNORE, IGNORE]
         else:
             out += [1, SHAPES.index(obj.shape), OBJECT_COLOURS.index(obj.colour), SIZES.index(obj.size)]
+    absent = [len(values) for _, values in FIND_ATTRIBUTES]
+    for k in range(len(POSITIONS)):
+        if descriptions is None or descriptions[k] == absent:
+            out += [IGNORE] * len(FIND_FIELDS)
+        else:
+            obj = scene.objects[k]
+            out += [POSITIONS.index(obj.position), SHAPES.index(obj.shape), OBJECT_COLOURS.index(obj.colour),
+                    SIZES.index(obj.size)]
     return out
 
 
 class SceneParseHead(nn.Module):
-    """Attention pooling, one learned query for the background and one per slot, then per-field logits.
+    """Attention pooling, one learned query for the background and one per slot, then per-field logits; and
+    one query per object built from its description, with its own keys and read-out.
 
     The slot read-out is shared by the three slots, so what tells them apart is only where each query looks:
     the tower's tokens must say where they are (the absolute position table) and what they show, as the
-    LLM's attention heads need when a question names an object by place or asks where it is.
+    LLM's attention heads need when a question names an object by place or asks where it is. The description
+    query carries no slot, so reading the place right means the keys matched the object's attributes.
     """
 
     def __init__(self, width: int, key_dim: int = 64):
@@ -61,9 +108,17 @@ class SceneParseHead(nn.Module):
         self.background = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Linear(width, len(BACKGROUND_COLOURS)))
         self.slot = nn.Sequential(nn.Linear(width, 2 * width), nn.GELU(),
                                   nn.Linear(2 * width, sum(n for _, n in SLOT_FIELDS)))
+        # Index len(values) is "not in the description" and adds nothing to the query.
+        self.describe = nn.ModuleList(nn.Embedding(len(values) + 1, key_dim, padding_idx=len(values))
+                                      for _, values in FIND_ATTRIBUTES)
+        self.find_keys = nn.Linear(width, key_dim)
+        self.find = nn.Sequential(nn.Linear(width, 2 * width), nn.GELU(),
+                                  nn.Linear(2 * width, sum(n for _, n in FIND_FIELDS)))
 
-    def forward(self, tokens: torch.Tensor, tokens_per_image: list[int]) -> list[torch.Tensor]:
-        """Per PARSE_FIELDS entry, logits (images, classes) from the tower's output tokens."""
+    def forward(self, tokens: torch.Tensor, tokens_per_image: list[int],
+                descriptions: torch.Tensor) -> list[torch.Tensor]:
+        """Per PARSE_FIELDS entry, logits (images, classes) from the tower's output tokens and the description
+        queries' attribute indices (images, len(POSITIONS), len(FIND_ATTRIBUTES))."""
         if len(set(tokens_per_image)) != 1:
             raise ValueError("a scene-parsing batch holds images of one size")
         x = tokens.view(len(tokens_per_image), tokens_per_image[0], -1)  # (B, n, width)
@@ -72,6 +127,11 @@ class SceneParseHead(nn.Module):
         out = [self.background(pooled[:, 0])]
         for s in range(len(POSITIONS)):
             out += list(self.slot(pooled[:, 1 + s]).split([n for _, n in SLOT_FIELDS], dim=-1))
+        queries = sum(embed(descriptions[..., a]) for a, embed in enumerate(self.describe))  # (B, 3, key_dim)
+        weights = torch.softmax(self.find_keys(x) @ queries.transpose(1, 2) / queries.shape[-1] ** 0.5, dim=1)
+        found = weights.transpose(1, 2) @ x  # (B, 3, width)
+        for k in range(len(POSITIONS)):
+            out += list(self.find(found[:, k]).split([n for _, n in FIND_FIELDS], dim=-1))
         return out
 
 
@@ -88,19 +148,22 @@ def parse_loss(logits: list[torch.Tensor], targets: torch.Tensor) -> tuple[torch
     return torch.stack(losses).mean(), right / max(1, total)
 
 
-def scene_batch(rng: random.Random, cfg: VisionConfig, n: int) -> tuple[torch.Tensor, torch.Tensor, list[int], torch.Tensor]:
-    """n random scenes on one random canvas: vision patches, grids, tokens per image, parse targets."""
+def scene_batch(rng: random.Random, cfg: VisionConfig, n: int
+                ) -> tuple[torch.Tensor, torch.Tensor, list[int], torch.Tensor, torch.Tensor]:
+    """n random scenes on one random canvas: vision patches, grids, tokens per image, description queries,
+    parse targets."""
     canvas = rng.choice([tuple(c) for c in CANVAS_SIZES])
-    patches, grids, targets = [], [], []
+    patches, grids, descriptions, targets = [], [], [], []
     for _ in range(n):
         scene = random_scene(rng, canvas=canvas)
         p, grid = images.vision_inputs(render(scene), cfg)
         patches.append(p)
         grids.append(grid)
-        targets.append(scene_targets(scene))
+        descriptions.append(scene_descriptions(scene, rng))
+        targets.append(scene_targets(scene, descriptions[-1]))
     unit = cfg.spatial_merge_size ** 2
     return (torch.cat(patches), torch.tensor(grids), [t * h * w // unit for t, h, w in grids],
-            torch.tensor(targets, dtype=torch.long))
+            torch.tensor(descriptions, dtype=torch.long), torch.tensor(targets, dtype=torch.long))
 
 
 def pretrain_vision(tower: VisionTower, steps: int, out: Path, seed: int, device: torch.device, rank: int = 0,
@@ -125,10 +188,11 @@ def pretrain_vision(tower: VisionTower, steps: int, out: Path, seed: int, device
     ema_loss = ema_acc = None
     for step in bar:
         rng = random.Random(seed * 1_000_003 + 77_777 + step * 131 + rank)
-        patches, grids, counts, targets = scene_batch(rng, tower.cfg, batch_size)
+        patches, grids, counts, descriptions, targets = scene_batch(rng, tower.cfg, batch_size)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, lr)
-        loss, accuracy = parse_loss(head(tower(patches.to(device), grids.to(device)), counts), targets.to(device))
+        logits = head(tower(patches.to(device), grids.to(device)), counts, descriptions.to(device))
+        loss, accuracy = parse_loss(logits, targets.to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
