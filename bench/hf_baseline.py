@@ -93,6 +93,10 @@ def build_hf_twin(ours: WallarooModel):
         raise BaselineUnavailable("this model's vision tower has an absolute position table "
                                   "(vision.abs_position_grid), which Qwen2.5-VL in transformers does not have; the "
                                   "baseline covers the official architecture (--config mid or 7b)")
+    if ours.cfg.llm.mrope_interleaved:
+        raise BaselineUnavailable("this model's LLM interleaves its M-RoPE axes (llm.mrope_interleaved, Qwen3-VL's "
+                                  "layout), which Qwen2.5-VL in transformers does not; the baseline covers the "
+                                  "official architecture (--config mid or 7b)")
     cfg = hf_config(ours)
     with torch.device("meta"):
         hf = Qwen2_5_VLForConditionalGeneration(cfg)

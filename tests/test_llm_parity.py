@@ -84,3 +84,27 @@ def test_image_text_logits_and_positions_match(pair, size):
     assert torch.equal(prep.position_ids, ref_pos)
     diff = (got - ref).abs().max().item()
     assert diff <= TOLERANCE, f"image+text logits differ by {diff}"
+
+
+@pytest.mark.parametrize("section", [(8, 12, 12), (16, 24, 24)])
+def test_interleaved_mrope_matches_qwen3_vl(section):
+    """`mrope_interleaved` gives each frequency the axis Qwen3-VL's rotary embedding gives it."""
+    qwen3_vl = pytest.importorskip("transformers.models.qwen3_vl.modeling_qwen3_vl",
+                                   reason="this transformers has no Qwen3-VL")
+    from transformers import Qwen3VLTextConfig
+    from wallaroo_nodes.engine.rope import inverse_frequencies, mrope_axis_of_frequency, mrope_cos_sin
+    head_dim = 2 * sum(section)
+    hf_cfg = Qwen3VLTextConfig(hidden_size=head_dim * 2, num_attention_heads=2, head_dim=head_dim,
+                               rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                "mrope_section": list(section)})
+    hf_rope = qwen3_vl.Qwen3VLTextRotaryEmbedding(hf_cfg)
+    torch.manual_seed(0)
+    positions = torch.randint(0, 40, (3, 2, 17))  # distinct t, h, w per token, as for image tokens
+    hf_cos, hf_sin = hf_rope(torch.zeros(1, dtype=torch.float32), positions)
+    inv_freq = inverse_frequencies(head_dim, 10000.0)
+    cos, sin = mrope_cos_sin(positions, inv_freq, mrope_axis_of_frequency(section, interleaved=True), torch.float32)
+    torch.testing.assert_close(cos, hf_cos, rtol=0, atol=1e-6)
+    torch.testing.assert_close(sin, hf_sin, rtol=0, atol=1e-6)
+    # The sectioned (Qwen2.5-VL) layout is a different table for the same positions.
+    cos_sectioned, _ = mrope_cos_sin(positions, inv_freq, mrope_axis_of_frequency(section), torch.float32)
+    assert not torch.allclose(cos_sectioned, hf_cos, atol=1e-3)

@@ -153,8 +153,9 @@ def test_bench_says_when_transformers_is_missing(capsys, monkeypatch):
     assert captured.out.strip().splitlines()[-1] == SPEEDUP_LINE + "n/a (transformers not installed)"
 
 
-def test_transformers_baseline_names_the_tiny_models_extra_table(tmp_path):
-    """The tiny model's vision tower has a table Qwen2.5-VL lacks: the baseline says so, not a state-dict error."""
+def test_transformers_baseline_names_what_the_tiny_model_adds(tmp_path):
+    """The tiny model's vision position table and interleaved M-RoPE are not Qwen2.5-VL's: the baseline says so,
+    rather than failing on the state dict or comparing against a model that rotates differently."""
     pytest.importorskip("transformers", reason="transformers (a test dependency) is not installed")
     import dataclasses
 
@@ -163,6 +164,10 @@ def test_transformers_baseline_names_the_tiny_models_extra_table(tmp_path):
     _, cfg = make_tokenizer_and_config(tmp_path)
     cfg = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, abs_position_grid=4))
     with pytest.raises(BaselineUnavailable, match="abs_position_grid"):
+        build_hf_twin(WallarooModel(cfg))
+    _, cfg = make_tokenizer_and_config(tmp_path)
+    cfg = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, mrope_interleaved=True))
+    with pytest.raises(BaselineUnavailable, match="mrope_interleaved"):
         build_hf_twin(WallarooModel(cfg))
 
 

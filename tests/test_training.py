@@ -550,3 +550,19 @@ def test_dropped_edit_prompts_lose_the_instruction_and_the_source_or_the_change(
     else:
         assert dropped.source_image.getextrema() == ((0, 0), (0, 0), (0, 0))
         assert dropped.target_image.tobytes() == kept.target_image.tobytes()
+
+
+def test_tiny_config_rotates_image_tokens_across_the_width(setup):
+    """The tiny LLM's M-RoPE must tell a scene's left from its right; Qwen2.5-VL's sectioned layout cannot."""
+    from wallaroo_nodes.engine.rope import inverse_frequencies, mrope_axis_of_frequency
+    cfg = setup[1].llm
+    assert cfg.mrope_interleaved
+    inv_freq = inverse_frequencies(cfg.head_dim, cfg.rope_theta)
+
+    def widest_turn(interleaved: bool) -> float:
+        # Largest angle between two image tokens 4 columns apart (a scene is 4 or 6 merged tokens wide).
+        axis = mrope_axis_of_frequency(cfg.mrope_section, interleaved=interleaved)
+        return float((4 * inv_freq[axis == 2]).max())
+
+    assert widest_turn(interleaved=False) < 0.02  # the width axis gets only the lowest frequencies
+    assert widest_turn(interleaved=True) > 1.0

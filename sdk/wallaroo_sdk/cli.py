@@ -175,7 +175,8 @@ def format_info(info: dict[str, Any]) -> str:
         f"{w['bytes'] / 1e9:.2f} GB",
         f"LLM         {llm['num_layers']} layers, hidden {llm['hidden_size']}, {llm['num_heads']} heads "
         f"({llm['num_kv_heads']} KV), MLP {llm['intermediate_size']}, vocab {llm['vocab_size']}, "
-        f"rope theta {llm['rope_theta']:g}, M-RoPE sections {list(llm['mrope_section'])}",
+        f"rope theta {llm['rope_theta']:g}, M-RoPE sections {list(llm['mrope_section'])}"
+        f"{' interleaved' if llm.get('mrope_interleaved') else ''}",
         f"vision      {vis['depth']} blocks, width {vis['hidden_size']}, {vis['num_heads']} heads, "
         f"MLP {vis['intermediate_size']}, patch {vis['patch_size']}, window {vis['window_size']} px, "
         f"full attention in blocks {full}",

@@ -31,6 +31,9 @@ class LLMConfig:
     rope_theta: float = 1_000_000.0
     # M-RoPE: rotary frequency pairs given to the temporal, height and width axes (sum = head_dim / 2).
     mrope_section: tuple[int, int, int] = (16, 24, 24)
+    # False: Qwen2.5-VL's layout, the sections in order (t the highest frequencies, w the lowest). True:
+    # Qwen3-VL's interleaved layout (t, h, w, t, h, w, ...), which gives the width axis high frequencies too.
+    mrope_interleaved: bool = False
     max_position_embeddings: int = 128000
 
     @property

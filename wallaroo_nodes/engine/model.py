@@ -53,7 +53,7 @@ class WallarooModel(nn.Module):
         if device not in self._rope:
             c = self.cfg.llm
             self._rope[device] = (inverse_frequencies(c.head_dim, c.rope_theta, device),
-                                  mrope_axis_of_frequency(c.mrope_section, device))
+                                  mrope_axis_of_frequency(c.mrope_section, device, c.mrope_interleaved))
         return self._rope[device]
 
     # --- basic pieces -------------------------------------------------------------------------

@@ -16,9 +16,21 @@ def inverse_frequencies(head_dim: int, theta: float, device: torch.device | str 
     return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
 
 
-def mrope_axis_of_frequency(mrope_section: Sequence[int], device: torch.device | str | None = None) -> torch.Tensor:
-    """For each frequency index, which position axis (0=t, 1=h, 2=w) drives it."""
-    return torch.cat([torch.full((n,), axis, dtype=torch.long, device=device) for axis, n in enumerate(mrope_section)])
+def mrope_axis_of_frequency(mrope_section: Sequence[int], device: torch.device | str | None = None,
+                            interleaved: bool = False) -> torch.Tensor:
+    """For each frequency index, which position axis (0=t, 1=h, 2=w) drives it.
+
+    Sectioned (Qwen2.5-VL): t takes the first mrope_section[0] indices, h the next, w the last, lowest
+    frequencies. Interleaved (Qwen3-VL): index j goes to h when j % 3 == 1 and j < 3 * sections[1], to w when
+    j % 3 == 2 and j < 3 * sections[2], else to t, so every axis gets high and low frequencies.
+    """
+    if not interleaved:
+        return torch.cat([torch.full((n,), axis, dtype=torch.long, device=device)
+                          for axis, n in enumerate(mrope_section)])
+    axis = torch.zeros(sum(mrope_section), dtype=torch.long, device=device)
+    for a in (1, 2):
+        axis[a:3 * mrope_section[a]:3] = a
+    return axis
 
 
 def mrope_cos_sin(position_ids: torch.Tensor, inv_freq: torch.Tensor, axis_of_freq: torch.Tensor,

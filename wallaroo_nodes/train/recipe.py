@@ -118,7 +118,8 @@ def tiny_model_config(tokens: dict[str, int], vocab_size: int) -> WallarooConfig
     cfg = WallarooConfig(
         name="wallaroo-tiny-shapes",
         llm=LLMConfig(vocab_size=vocab_size, hidden_size=256, intermediate_size=688, num_layers=4, num_heads=4,
-                      num_kv_heads=2, mrope_section=(8, 12, 12), rope_theta=10000.0, max_position_embeddings=4096),
+                      num_kv_heads=2, mrope_section=(8, 12, 12), mrope_interleaved=True, rope_theta=10000.0,
+                      max_position_embeddings=4096),
         # Images are upscaled to >= 112x112 so a 64 px scene gets 16 vision tokens, not 4.
         # The absolute position table (Qwen3-VL's idea; none in Qwen2.5-VL): see VisionConfig.abs_position_grid.
         vision=VisionConfig(depth=4, hidden_size=128, num_heads=4, intermediate_size=256, out_hidden_size=256,
