@@ -411,7 +411,8 @@ def test_scene_descriptions_single_out_their_object_and_targets_read_its_place()
     assert all(v == IGNORE for name, v in zip((n for n, _ in PARSE_FIELDS), scene_targets(two)) if name.startswith("find"))
 
 
-def test_vision_pretraining_learns_to_parse_scenes_and_resumes(setup, tmp_path):
+@pytest.mark.parametrize("find", [False, True])
+def test_vision_pretraining_learns_to_parse_scenes_and_resumes(setup, tmp_path, find):
     from wallaroo_nodes.engine.vision import VisionTower
     from wallaroo_nodes.shapes import POSITIONS
     from wallaroo_nodes.train.vision_pretrain import (FIND_FIELDS, PARSE_FIELDS, SceneParseHead, parse_loss,
@@ -419,20 +420,23 @@ def test_vision_pretraining_learns_to_parse_scenes_and_resumes(setup, tmp_path):
     _, cfg = setup
     torch.manual_seed(0)
     tower = VisionTower(cfg.vision)
-    patches, grids, counts, descriptions, targets = scene_batch(random.Random(12345), cfg.vision, 24)  # held out
+    patches, grids, counts, descriptions, targets = scene_batch(random.Random(12345), cfg.vision, 24, find)  # held out
     n_slot_fields = len(PARSE_FIELDS) - len(POSITIONS) * len(FIND_FIELDS)  # background and slots, not finds
 
     def held_out_loss() -> float:
-        head = SceneParseHead(cfg.vision.out_hidden_size)
+        head = SceneParseHead(cfg.vision.out_hidden_size, find=find)
         head.load_state_dict(torch.load(tmp_path / "vision.pt", weights_only=True)["head"])
         with torch.no_grad():
             logits = head(tower(patches, grids), counts, descriptions)
+            assert len(logits) == (len(PARSE_FIELDS) if find else n_slot_fields)
             return parse_loss(logits[:n_slot_fields], targets[:, :n_slot_fields])[0].item()
 
-    pretrain_vision(tower, 2, tmp_path, 0, torch.device("cpu"), batch_size=8, log=lambda line: None)
+    pretrain_vision(tower, 2, tmp_path, 0, torch.device("cpu"), batch_size=8, log=lambda line: None,
+                    find_by_description=find)
     early = held_out_loss()
     (tmp_path / "vision.done").unlink()  # let the run go on from its checkpoint, as a longer --vision-steps would
-    pretrain_vision(tower, 60, tmp_path, 0, torch.device("cpu"), batch_size=8, log=lambda line: None)
+    pretrain_vision(tower, 60, tmp_path, 0, torch.device("cpu"), batch_size=8, log=lambda line: None,
+                    find_by_description=find)
     assert torch.load(tmp_path / "vision.pt", weights_only=True)["step"] == 60
     late = held_out_loss()
     # 60 small steps learn the easy fields (background, which slots are full): 1.16 -> 1.01 here. Shapes
@@ -440,7 +444,8 @@ def test_vision_pretraining_learns_to_parse_scenes_and_resumes(setup, tmp_path):
     assert late < 0.9 * early, (early, late)
     # Finished: a rerun trains nothing.
     before = {k: v.clone() for k, v in tower.state_dict().items()}
-    pretrain_vision(tower, 60, tmp_path, 0, torch.device("cpu"), batch_size=8, log=lambda line: None)
+    pretrain_vision(tower, 60, tmp_path, 0, torch.device("cpu"), batch_size=8, log=lambda line: None,
+                    find_by_description=find)
     assert all(torch.equal(before[k], v) for k, v in tower.state_dict().items())
 
 
@@ -552,10 +557,12 @@ def test_dropped_edit_prompts_lose_the_instruction_and_the_source_or_the_change(
         assert dropped.target_image.tobytes() == kept.target_image.tobytes()
 
 
-def test_tiny_config_rotates_image_tokens_across_the_width(setup):
-    """The tiny LLM's M-RoPE must tell a scene's left from its right; Qwen2.5-VL's sectioned layout cannot."""
+def test_interleaved_mrope_rotates_image_tokens_across_the_width(setup):
+    """Only the interleaved layout lets the tiny LLM's M-RoPE tell a scene's left from its right."""
     from wallaroo_nodes.engine.rope import inverse_frequencies, mrope_axis_of_frequency
-    cfg = setup[1].llm
+    tok, cfg = setup
+    assert not cfg.llm.mrope_interleaved  # the bundle's recipe
+    cfg = tiny_model_config(cfg.tokens, cfg.llm.vocab_size, mrope_interleaved=True).llm
     assert cfg.mrope_interleaved
     inv_freq = inverse_frequencies(cfg.head_dim, cfg.rope_theta)
 
@@ -566,3 +573,13 @@ def test_tiny_config_rotates_image_tokens_across_the_width(setup):
 
     assert widest_turn(interleaved=False) < 0.02  # the width axis gets only the lowest frequencies
     assert widest_turn(interleaved=True) > 1.0
+
+
+def test_a_resume_must_repeat_the_run_options(tmp_path):
+    """A run folder remembers its --mrope-interleaved / --vision-find; a resume without them stops, naming them."""
+    from wallaroo_nodes.train.recipe import check_run_options
+    check_run_options(tmp_path, {"vision_find": False, "mrope_interleaved": True})
+    check_run_options(tmp_path, {"vision_find": False, "mrope_interleaved": True})  # same options: resumes
+    with pytest.raises(SystemExit, match="--mrope-interleaved"):
+        check_run_options(tmp_path, {"vision_find": False, "mrope_interleaved": False})
+    assert json.loads((tmp_path / "options.json").read_text()) == {"vision_find": False, "mrope_interleaved": True}

@@ -108,8 +108,11 @@ def default_stages(scale: float = 1.0) -> list[Stage]:
     ]
 
 
-def tiny_model_config(tokens: dict[str, int], vocab_size: int) -> WallarooConfig:
-    """The architecture of the bundled tiny model: same code paths as 7B, sized for two CPU cores."""
+def tiny_model_config(tokens: dict[str, int], vocab_size: int, mrope_interleaved: bool = False) -> WallarooConfig:
+    """The architecture of the bundled tiny model: same code paths as 7B, sized for two CPU cores.
+
+    `mrope_interleaved` (`--mrope-interleaved`; thirty-ninth run, docs/tiny_model_runs.md) gives image columns
+    rotary frequencies that turn across a scene; the bundle keeps Qwen2.5-VL's sectioned layout."""
     # A dropped edit prompt keeps its source and learns it unchanged, not the reference's black image: on the
     # same stage 3 it took unguided editing 0.34 -> 0.40 of 400 held-out edits (twenty-second run,
     # docs/tiny_model_runs.md).
@@ -118,7 +121,7 @@ def tiny_model_config(tokens: dict[str, int], vocab_size: int) -> WallarooConfig
     cfg = WallarooConfig(
         name="wallaroo-tiny-shapes",
         llm=LLMConfig(vocab_size=vocab_size, hidden_size=256, intermediate_size=688, num_layers=4, num_heads=4,
-                      num_kv_heads=2, mrope_section=(8, 12, 12), mrope_interleaved=True, rope_theta=10000.0,
+                      num_kv_heads=2, mrope_section=(8, 12, 12), mrope_interleaved=mrope_interleaved, rope_theta=10000.0,
                       max_position_embeddings=4096),
         # Images are upscaled to >= 112x112 so a 64 px scene gets 16 vision tokens, not 4.
         # The absolute position table (Qwen3-VL's idea; none in Qwen2.5-VL): see VisionConfig.abs_position_grid.
@@ -492,7 +495,8 @@ def load_training_state(model: WallarooModel, state: dict[str, torch.Tensor]) ->
         raise RuntimeError(f"checkpoint does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
 
-def build_or_resume(out: Path, seed: int, device: torch.device, rank: int) -> tuple[WallarooModel, TextTokenizer]:
+def build_or_resume(out: Path, seed: int, device: torch.device, rank: int,
+                    mrope_interleaved: bool = False) -> tuple[WallarooModel, TextTokenizer]:
     """Tokenizer (trained once), then the model, initialised from the last finished stage if any."""
     tok_path = out / "tokenizer.json"
     meta_path = out / "tokens.json"
@@ -504,7 +508,7 @@ def build_or_resume(out: Path, seed: int, device: torch.device, rank: int) -> tu
     table = json.loads(meta_path.read_text())
     from tokenizers import Tokenizer
     vocab = (Tokenizer.from_file(str(tok_path)).get_vocab_size() + 63) // 64 * 64
-    cfg = tiny_model_config(table, vocab)
+    cfg = tiny_model_config(table, vocab, mrope_interleaved=mrope_interleaved)
     torch.manual_seed(seed)
     model = WallarooModel(cfg).to(device)
     _init_weights(model)
@@ -512,6 +516,27 @@ def build_or_resume(out: Path, seed: int, device: torch.device, rank: int) -> tu
     if weights is not None:
         load_training_state(model, torch.load(weights, map_location=device, weights_only=True)["model"])
     return model, TextTokenizer(tok_path, cfg.tokens)
+
+
+RUN_OPTIONS_FILE = "options.json"
+
+
+def check_run_options(out: Path, options: dict[str, bool]) -> None:
+    """Record a run's architecture and pretraining options in its folder, or stop a resume that changes them.
+
+    A stage resumed with another M-RoPE layout or tower read-out would train on weights made for the other,
+    without an error; the first start writes the options, every later start must repeat them.
+    """
+    path = out / RUN_OPTIONS_FILE
+    if not path.exists():
+        path.write_text(json.dumps(options, sort_keys=True) + "\n")
+        return
+    recorded = json.loads(path.read_text())
+    changed = {k: v for k, v in options.items() if recorded.get(k, False) != v}
+    if changed:
+        flags = " ".join("--" + k.replace("_", "-") for k, v in sorted(recorded.items()) if v) or "no option flags"
+        raise SystemExit(f"{out} was started with {flags} ({path}); resume it with the same options, or start "
+                         f"a new --out folder")
 
 
 def last_finished_weights(out: Path) -> Path | None:
@@ -627,6 +652,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="VQ steps trained as a plain autoencoder before quantising")
     parser.add_argument("--vision-steps", type=int, default=VISION_STEPS,
                         help="scene-parsing steps of the vision tower before stage 0 (0 = none)")
+    parser.add_argument("--vision-find", action="store_true",
+                        help="vision pretraining also finds each object from a description (thirty-eighth run)")
+    parser.add_argument("--mrope-interleaved", action="store_true",
+                        help="the LLM's M-RoPE in Qwen3-VL's interleaved layout (thirty-ninth run)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
     parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
@@ -643,7 +672,9 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     log(json.dumps({"event": "started", "world_size": world, "threads_per_rank": torch.get_num_threads(),
                     "device": str(device)}))
-    model, tok = build_or_resume(args.out, args.seed, device, rank)
+    if rank == 0:
+        check_run_options(args.out, {"vision_find": args.vision_find, "mrope_interleaved": args.mrope_interleaved})
+    model, tok = build_or_resume(args.out, args.seed, device, rank, mrope_interleaved=args.mrope_interleaved)
     stages = [replace(s, batch_size=args.batch_size) if args.batch_size else s for s in default_stages(args.scale)]
     vq_run = (model.cfg.vq, args.vq_steps, args.out, args.seed)
     vq_kw = {"batch_size": args.vq_batch_size, "warm_steps": args.vq_warm_steps}
@@ -673,7 +704,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.vision_steps and not (args.out / "stage0.pt").exists() and not (args.out / "stage0.done").exists():
         # Only before stage 0 starts: afterwards its checkpoints hold the tower.
         if rank == 0:
-            pretrain_vision(model.visual, args.vision_steps, args.out, args.seed, device, log=log)
+            pretrain_vision(model.visual, args.vision_steps, args.out, args.seed, device, log=log,
+                            find_by_description=args.vision_find)
         if dist.is_initialized():
             dist.barrier()  # the other ranks take rank 0's tower
             if rank != 0:

@@ -12,7 +12,8 @@ the red circle?", "make the square blue"), and with two objects the bundled thir
 the left-hand one whenever the right-hand one was named (README, #3). So the head also finds objects by
 description: a query built from one to three of an object's attributes (the subsets a reference may use)
 pools the tokens and must read that object's place and attributes, which asks the tower's tokens for keys
-that a description can match.
+that a description can match (`find_by_description`, `--vision-find`; off in the bundle's recipe: on its own it
+did not move two-object position answers after stage 0, thirty-eighth run in docs/tiny_model_runs.md).
 """
 from __future__ import annotations
 
@@ -92,8 +93,8 @@ def scene_targets(scene: Scene, descriptions: list[list[int]] | None = None) -> 
 
 
 class SceneParseHead(nn.Module):
-    """Attention pooling, one learned query for the background and one per slot, then per-field logits; and
-    one query per object built from its description, with its own keys and read-out.
+    """Attention pooling, one learned query for the background and one per slot, then per-field logits; with
+    `find`, also one query per object built from its description, with its own keys and read-out.
 
     The slot read-out is shared by the three slots, so what tells them apart is only where each query looks:
     the tower's tokens must say where they are (the absolute position table) and what they show, as the
@@ -101,13 +102,16 @@ class SceneParseHead(nn.Module):
     query carries no slot, so reading the place right means the keys matched the object's attributes.
     """
 
-    def __init__(self, width: int, key_dim: int = 64):
+    def __init__(self, width: int, key_dim: int = 64, find: bool = False):
         super().__init__()
         self.queries = nn.Parameter(torch.randn(1 + len(POSITIONS), key_dim) * key_dim ** -0.5)
         self.keys = nn.Linear(width, key_dim)
         self.background = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Linear(width, len(BACKGROUND_COLOURS)))
         self.slot = nn.Sequential(nn.Linear(width, 2 * width), nn.GELU(),
                                   nn.Linear(2 * width, sum(n for _, n in SLOT_FIELDS)))
+        self.find = None
+        if not find:
+            return
         # Index len(values) is "not in the description" and adds nothing to the query.
         self.describe = nn.ModuleList(nn.Embedding(len(values) + 1, key_dim, padding_idx=len(values))
                                       for _, values in FIND_ATTRIBUTES)
@@ -116,9 +120,10 @@ class SceneParseHead(nn.Module):
                                   nn.Linear(2 * width, sum(n for _, n in FIND_FIELDS)))
 
     def forward(self, tokens: torch.Tensor, tokens_per_image: list[int],
-                descriptions: torch.Tensor) -> list[torch.Tensor]:
+                descriptions: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Per PARSE_FIELDS entry, logits (images, classes) from the tower's output tokens and the description
-        queries' attribute indices (images, len(POSITIONS), len(FIND_ATTRIBUTES))."""
+        queries' attribute indices (images, len(POSITIONS), len(FIND_ATTRIBUTES)); without a find read-out or
+        descriptions, the background and slot entries only."""
         if len(set(tokens_per_image)) != 1:
             raise ValueError("a scene-parsing batch holds images of one size")
         x = tokens.view(len(tokens_per_image), tokens_per_image[0], -1)  # (B, n, width)
@@ -127,6 +132,8 @@ class SceneParseHead(nn.Module):
         out = [self.background(pooled[:, 0])]
         for s in range(len(POSITIONS)):
             out += list(self.slot(pooled[:, 1 + s]).split([n for _, n in SLOT_FIELDS], dim=-1))
+        if self.find is None or descriptions is None:
+            return out
         queries = sum(embed(descriptions[..., a]) for a, embed in enumerate(self.describe))  # (B, 3, key_dim)
         weights = torch.softmax(self.find_keys(x) @ queries.transpose(1, 2) / queries.shape[-1] ** 0.5, dim=1)
         found = weights.transpose(1, 2) @ x  # (B, 3, width)
@@ -148,10 +155,12 @@ def parse_loss(logits: list[torch.Tensor], targets: torch.Tensor) -> tuple[torch
     return torch.stack(losses).mean(), right / max(1, total)
 
 
-def scene_batch(rng: random.Random, cfg: VisionConfig, n: int
+def scene_batch(rng: random.Random, cfg: VisionConfig, n: int, describe: bool = False
                 ) -> tuple[torch.Tensor, torch.Tensor, list[int], torch.Tensor, torch.Tensor]:
     """n random scenes on one random canvas: vision patches, grids, tokens per image, description queries,
-    parse targets."""
+    parse targets. Without `describe` no description is drawn (the find fields are IGNORE), so the scenes are
+    the ones runs before the find read-out drew."""
+    absent = [[len(values) for _, values in FIND_ATTRIBUTES]] * len(POSITIONS)
     canvas = rng.choice([tuple(c) for c in CANVAS_SIZES])
     patches, grids, descriptions, targets = [], [], [], []
     for _ in range(n):
@@ -159,18 +168,18 @@ def scene_batch(rng: random.Random, cfg: VisionConfig, n: int
         p, grid = images.vision_inputs(render(scene), cfg)
         patches.append(p)
         grids.append(grid)
-        descriptions.append(scene_descriptions(scene, rng))
-        targets.append(scene_targets(scene, descriptions[-1]))
+        descriptions.append(scene_descriptions(scene, rng) if describe else absent)
+        targets.append(scene_targets(scene, descriptions[-1] if describe else None))
     unit = cfg.spatial_merge_size ** 2
     return (torch.cat(patches), torch.tensor(grids), [t * h * w // unit for t, h, w in grids],
             torch.tensor(descriptions, dtype=torch.long), torch.tensor(targets, dtype=torch.long))
 
 
 def pretrain_vision(tower: VisionTower, steps: int, out: Path, seed: int, device: torch.device, rank: int = 0,
-                    batch_size: int = 32, lr: float = 1e-3, log=print) -> float:
+                    batch_size: int = 32, lr: float = 1e-3, log=print, find_by_description: bool = False) -> float:
     """Train `tower` in place to parse scenes (resumable from out/vision.pt); returns the last field accuracy."""
     ckpt, done = out / "vision.pt", out / "vision.done"
-    head = SceneParseHead(tower.cfg.out_hidden_size).to(device)
+    head = SceneParseHead(tower.cfg.out_hidden_size, find=find_by_description).to(device)
     params = list(tower.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
     start, accuracy = 0, 0.0
@@ -188,7 +197,7 @@ def pretrain_vision(tower: VisionTower, steps: int, out: Path, seed: int, device
     ema_loss = ema_acc = None
     for step in bar:
         rng = random.Random(seed * 1_000_003 + 77_777 + step * 131 + rank)
-        patches, grids, counts, descriptions, targets = scene_batch(rng, tower.cfg, batch_size)
+        patches, grids, counts, descriptions, targets = scene_batch(rng, tower.cfg, batch_size, find_by_description)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, lr)
         logits = head(tower(patches.to(device), grids.to(device)), counts, descriptions.to(device))
