@@ -326,3 +326,29 @@ def test_eval_cases_meet_every_kind_on_every_canvas_and_language(task, n, offset
     seen = Counter((c["kind"], c["size"], c["lang"]) for c in _cases(task, n, offset))
     assert len(seen) == len(kinds) * len(CANVAS_SIZES) * len(LANGS)
     assert max(seen.values()) - min(seen.values()) <= 1
+
+
+@pytest.mark.parametrize("task,offset", [("und", 0), ("edit", 30_000_000)])
+def test_eval_cases_name_either_of_two_objects(task, offset):
+    """A case's words must not be drawn from its scene's stream: that named the right-hand of two objects in
+    every two-object question, recolour, reshape and move, so the eval measured one object of the two."""
+    from collections import Counter
+    from wallaroo_nodes.eval.shapes_eval import _cases
+    from wallaroo_nodes.shapes.text import _w
+    named = Counter()
+    for c in _cases(task, 400, offset):
+        objs = c["scene"].objects
+        if len(objs) != 2:
+            continue
+        if task == "und" and c["kind"] == "position":
+            # The answer is the asked object's place (an object's place is unique in its scene).
+            idx = [i for i, o in enumerate(objs) if _w(c["lang"], o.position) == c["answer"]]
+        elif task == "edit" and c["kind"] in ("recolour", "reshape", "move", "remove"):
+            idx = [i for i, o in enumerate(objs) if o not in c["target"].objects]  # the one edited away
+        else:
+            continue
+        if len(idx) == 1:  # not "where are the two red circles"
+            named[idx[0]] += 1
+    total = sum(named.values())
+    assert total >= 30, named
+    assert 0.3 <= named[0] / total <= 0.7, named  # left-hand (first) object

@@ -12,8 +12,8 @@ pytestmark = pytest.mark.skipif("tiny" not in bundled_models(),
                                        "`python -m wallaroo_nodes.train --export wallaroo_nodes/models/tiny`)")
 
 FLOOR_MARGIN = 0.10
-# The bundled model (the recipe's thirty-fourth run) reaches the floors of every metric; only the VQ round
-# trip below stays an expected failure (README, "The bundled tiny model").
+# The bundled model (the recipe's thirty-fourth run) reaches the floors of understanding and generation; editing
+# and the VQ round trip below stay expected failures (README, "The bundled tiny model").
 # Strict: once a retrained model reaches the floors these tests XPASS and fail, so the marker has to go with the fix.
 BELOW_BARS = pytest.mark.xfail(strict=True, reason="bundled tiny model below the issue's bars; a better recipe "
                                                    "is open work (issue #3)")
@@ -77,9 +77,11 @@ def test_vq_round_trip_keeps_scenes_readable(round_trip):
 
 
 # Metrics whose floor the bundled model reaches; the others are strict expected failures until it does.
-# Thirty-fourth run on 200 cases: understanding 0.935; generation one-object 0.915, two-object 0.790; editing 0.790
-# (on these 50: 0.94; 0.88, 0.86; editing 0.80, floors 0.85 / 0.80 / 0.65 / 0.70).
-REACHED: set[str] = {"understanding.accuracy", "generation.one_object", "generation.two_objects", "editing.success"}
+# Thirty-fourth run on 200 cases: understanding 0.920; generation one-object 0.920, two-object 0.790; editing 0.715
+# (on these 50: 0.94; 0.88, 0.86; editing 0.68, floors 0.85 / 0.80 / 0.65 / 0.70). Editing read 0.790 (0.80 on
+# these 50) while the eval's words shared the scene's random stream and every two-object recolour, reshape and
+# move named the right-hand object; named uniformly, it is under its floor.
+REACHED: set[str] = {"understanding.accuracy", "generation.one_object", "generation.two_objects"}
 
 
 @pytest.mark.parametrize("metric", [m if m in REACHED else pytest.param(m, marks=BELOW_BARS) for m in sorted(BARS)])

@@ -3,7 +3,10 @@
 Training draws scenes from `random.Random` streams seeded below 2**40; evaluation scenes come from
 `scene_from_seed(EVAL_SEED_BASE + i)`, a disjoint seed range. Each task cycles through canvas sizes and
 languages so every breakdown has an equal share of the cases, and every question or edit kind meets every
-canvas size and language.
+canvas size and language. The words of a case (question, instruction, caption) come from a stream of their
+own: drawn from the scene's stream, the draw that picks the object to ask about repeated the one that made
+the scene hold two objects, so every two-object question, recolour, reshape and move named the right-hand
+object (until 2026-12-04; docs/tiny_model_runs.md).
 """
 from __future__ import annotations
 
@@ -47,13 +50,18 @@ def _by_attribute(rows: list[dict]) -> dict[str, float]:
     return {k: _rate([r["checks"][k] for r in rows]) for k in ATTRIBUTES}
 
 
+def words_rng(seed: int) -> random.Random:
+    """The random stream for a case's words, independent of `scene_from_seed(seed)`'s stream."""
+    return random.Random(f"eval-words-{seed}")  # str seeds go through SHA-512: same stream on every run
+
+
 def _cases(task: str, n: int, offset: int) -> list[dict]:
     """n cases for a task, cycling canvas and language; deterministic."""
     out = []
     canvases = [tuple(c) for c in CANVAS_SIZES]
     for i in range(n):
         seed = EVAL_SEED_BASE + offset + i
-        rng = random.Random(seed)
+        rng = words_rng(seed)
         canvas = canvases[i % len(canvases)]
         lang = LANGS[(i // len(canvases)) % len(LANGS)]
         if task == "gen1" or task == "gen2":
