@@ -583,3 +583,58 @@ def test_a_resume_must_repeat_the_run_options(tmp_path):
     with pytest.raises(SystemExit, match="--mrope-interleaved"):
         check_run_options(tmp_path, {"vision_find": False, "mrope_interleaved": False})
     assert json.loads((tmp_path / "options.json").read_text()) == {"vision_find": False, "mrope_interleaved": True}
+
+
+def test_grounding_marks_the_named_objects_tokens_and_keeps_the_draws(setup):
+    from wallaroo_nodes.shapes import Obj, Scene
+    from wallaroo_nodes.train.data import object_token_mask
+    tok, cfg = setup
+    left, right = Obj("circle", "red", "large", "left"), Obj("square", "blue", "small", "right")
+    scene = Scene((64, 64), "white", (left, right))
+    grid = (1, 8, 8)  # a 64 px scene's vision grid; 4 x 4 merged tokens
+    on_left = object_token_mask(scene, left, grid, 2).view(4, 4)
+    on_right = object_token_mask(scene, right, grid, 2).view(4, 4)
+    assert on_left.any() and not on_left[:, 2:].any()
+    assert on_right.any() and not on_right[:, :2].any()
+    for seed in range(6):  # recording the objects draws nothing: same examples with and without it
+        plain = make_example("understand", random.Random(seed), tok, cfg, [(64, 64)], qa_turns=3)
+        grounded = make_example("understand", random.Random(seed), tok, cfg, [(64, 64)], qa_turns=3, ground=True)
+        assert plain.answer_ids == grounded.answer_ids and not plain.ground
+        assert all(mask.shape == (len(grounded.prompt.vision_slots),) and mask.any() for _, mask in grounded.ground)
+
+
+def test_grounding_loss_is_minus_log_the_heads_attention_on_the_object(setup, monkeypatch):
+    """The loss equals what the engine's own attention gives the named object's tokens from the answer start."""
+    import wallaroo_nodes.engine.llm as llm_module
+    tok, cfg = setup
+    torch.manual_seed(0)
+    model = WallarooModel(cfg).train()
+    examples = [make_example("understand", random.Random(s), tok, cfg, [(48, 80)], qa_turns=3, ground=True)
+                for s in range(4)]
+    batch = collate(examples, cfg)
+    assert batch.ground_query_index is not None and len(batch.ground_query_index) >= 3
+    layer, head = 1, 3
+    seen: list[torch.Tensor] = []
+    real = llm_module.attention
+
+    def recording(q, k, v, mask, backend="sdpa"):
+        k_all = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        scores = q @ k_all.transpose(-1, -2) / q.shape[-1] ** 0.5
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+        seen.append(scores.softmax(-1))
+        return real(q, k, v, mask, backend)
+
+    monkeypatch.setattr(llm_module, "attention", recording)
+    with torch.no_grad():
+        _, parts = TrainingModel(model, ground_weight=0.5, ground_head=(layer, head))(batch)
+    probs = seen[layer][:, head].reshape(-1, seen[layer].shape[-1])  # (B * L, L): row = flat query index
+    length = batch.ids.shape[1]
+    on_object = [probs[qi][batch.ground_key_index[i] % length][batch.ground_target[i]].sum()
+                 for i, qi in enumerate(batch.ground_query_index)]
+    expected = -torch.log(torch.stack(on_object)).mean().item()
+    assert abs(parts["ground"] - expected) < 1e-4, (parts["ground"], expected)
+    # The query is the position just before each grounded answer's first token.
+    first_answer_tokens = set(batch.text_target_index.tolist())
+    assert set(batch.ground_query_index.tolist()) <= first_answer_tokens
+    with pytest.raises(ValueError, match="not a \\(layer, head\\)"):
+        TrainingModel(model, ground_head=(cfg.llm.num_layers, 0))

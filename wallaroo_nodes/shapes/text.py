@@ -185,6 +185,14 @@ def caption(scene: Scene, lang: str, rng: random.Random) -> str:
 
 def question_answer(scene: Scene, lang: str, rng: random.Random, kind: str | None = None) -> tuple[str, str]:
     """A (question, exact answer) pair of the given kind (random kind when None)."""
+    question, answer, _ = question_answer_about(scene, lang, rng, kind)
+    return question, answer
+
+
+def question_answer_about(scene: Scene, lang: str, rng: random.Random,
+                          kind: str | None = None) -> tuple[str, str, Obj | None]:
+    """`question_answer`'s pair (same draws) and the one object the question names (None: the whole scene, or
+    two objects that only their places tell apart)."""
     _check_lang(lang)
     kind = kind if kind is not None else rng.choice(QA_KINDS)
     if kind not in QA_KINDS:
@@ -194,7 +202,7 @@ def question_answer(scene: Scene, lang: str, rng: random.Random, kind: str | Non
         q = rng.choice(templates[kind])
         a = {"count": str(len(scene.objects)), "background": _w(lang, scene.background),
              "description": description(scene, lang)}[kind]
-        return q, a
+        return q, a, None
     obj = rng.choice(scene.objects)
     ref = reference(scene, obj, lang, rng, exclude=kind)
     if ref is None:
@@ -203,9 +211,9 @@ def question_answer(scene: Scene, lang: str, rng: random.Random, kind: str | Non
                 else _zh_noun_phrase(obj.colour, obj.size, obj.shape, rng))
         q = rng.choice(templates["position_both"]).format(what=what)
         places = [_w(lang, o.position) for o in scene.objects]
-        return q, (" and ".join(places) if lang == "en" else "和".join(places))
+        return q, (" and ".join(places) if lang == "en" else "和".join(places)), None
     q = rng.choice(templates[kind]).format(ref=ref)
-    return q[0].upper() + q[1:], _w(lang, getattr(obj, kind))
+    return q[0].upper() + q[1:], _w(lang, getattr(obj, kind)), obj
 
 
 def edit_kinds(scene: Scene) -> tuple[str, ...]:

@@ -9,15 +9,17 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from ..engine import images
 from ..engine.config import WallarooConfig
 from ..engine.protocol import Prompt, build_edit, build_generate, build_understand, follow_up_ids
 from ..engine.text import TextTokenizer
-from ..shapes import (EDIT_KINDS, LANGS, QA_KINDS, caption, edit_instruction, edit_kinds, question_answer,
-                      random_scene, render)
+from ..shapes import (EDIT_KINDS, LANGS, QA_KINDS, Obj, Scene, caption, edit_instruction, edit_kinds,
+                      question_answer_about, random_scene, render)
 
 TASKS = ("understand", "generate", "edit")
 
@@ -35,6 +37,8 @@ class Example:
     vision_grid: tuple[int, int, int] | None = None
     vision_patches: torch.Tensor | None = None
     pixel_source: torch.Tensor | None = None                  # edit: (1, 3, H, W) VQ input in [-1, 1]
+    # understand, with `ground`: per answer that names one object, (turn, vision tokens showing that object)
+    ground: list[tuple[int, torch.Tensor]] = field(default_factory=list)
 
 
 def _weighted_kind(rng: random.Random, kinds: tuple[str, ...], weights: dict[str, float]) -> str:
@@ -42,17 +46,28 @@ def _weighted_kind(rng: random.Random, kinds: tuple[str, ...], weights: dict[str
     return rng.choices(kinds, [weights.get(k, 1.0) for k in kinds])[0]
 
 
+def object_token_mask(scene: Scene, obj: Obj, grid: tuple[int, int, int], merge: int) -> torch.Tensor:
+    """(vision tokens,) bool: the merged vision tokens (raster order) that show some of `obj`'s pixels."""
+    empty = np.asarray(render(Scene(scene.canvas, scene.background, ())), dtype=np.int16)
+    alone = np.asarray(render(Scene(scene.canvas, scene.background, (obj,))), dtype=np.int16)
+    on = torch.from_numpy((np.abs(alone - empty).sum(-1) > 30).astype(np.float32))[None, None]
+    rows, cols = grid[1] // merge, grid[2] // merge
+    # Share of each token's area the object covers; a sliver under 5% is antialiasing, not the object.
+    return (F.adaptive_avg_pool2d(on, (rows, cols)) > 0.05).flatten()
+
+
 def make_example(task: str, rng: random.Random, tok: TextTokenizer, cfg: WallarooConfig,
                  canvases: list[tuple[int, int]], uncond_prob: float = 0.1, qa_turns: int = 1,
                  n_objects: int | None = None, qa_kind_weights: dict[str, float] | None = None,
-                 edit_kind_weights: dict[str, float] | None = None) -> Example:
+                 edit_kind_weights: dict[str, float] | None = None, ground: bool = False) -> Example:
     """A random example of a task on one of the given canvases; prompts are dropped for CFG with uncond_prob.
 
     `n_objects` fixes the scene's object count (1 or 2); None draws it.
     `qa_kind_weights` and `edit_kind_weights` weigh question and edit kinds (a kind left out weighs 1); None
     draws them uniformly.
     Understanding examples ask `qa_turns` questions about the image in one chat: every answer is a training
-    target for the price of one pass through the vision tower.
+    target for the price of one pass through the vision tower. With `ground`, each answer about one object
+    also records the vision tokens that show it (`Example.ground`); the draws are the same either way.
     """
     for name, weights, kinds in (("qa_kind_weights", qa_kind_weights, QA_KINDS),
                                  ("edit_kind_weights", edit_kind_weights, EDIT_KINDS)):
@@ -63,10 +78,18 @@ def make_example(task: str, rng: random.Random, tok: TextTokenizer, cfg: Wallaro
     lang = rng.choice(LANGS)
     scene = random_scene(rng, canvas=canvas, n_objects=n_objects)
     if task == "understand":
+        named: list[tuple[int, Obj]] = []  # (turn, the object its question names)
+        turns = 0
+
         def ask() -> tuple[str, str]:
-            if qa_kind_weights is None:  # the uniform draw earlier runs' data orders were made with
-                return question_answer(scene, lang, rng)
-            return question_answer(scene, lang, rng, kind=_weighted_kind(rng, QA_KINDS, qa_kind_weights))
+            nonlocal turns
+            # kind None: the uniform draw earlier runs' data orders were made with
+            kind = None if qa_kind_weights is None else _weighted_kind(rng, QA_KINDS, qa_kind_weights)
+            question, answer, obj = question_answer_about(scene, lang, rng, kind=kind)
+            if obj is not None:
+                named.append((turns, obj))
+            turns += 1
+            return question, answer
 
         question, answer = ask()
         image = render(scene)
@@ -81,8 +104,10 @@ def make_example(task: str, rng: random.Random, tok: TextTokenizer, cfg: Wallaro
             reply = tok.encode(answer) + [im_end]
             ids += turn + reply
             targets += [False] * len(turn) + [True] * len(reply)
+        merge = cfg.vision.spatial_merge_size
+        grounds = [(turn, object_token_mask(scene, obj, grid, merge)) for turn, obj in named] if ground else []
         return Example(task, prompt, answer_ids=ids, answer_is_target=targets, source_image=image, vision_grid=grid,
-                       vision_patches=patches)
+                       vision_patches=patches, ground=grounds)
     if task == "generate":
         text = "" if rng.random() < uncond_prob else caption(scene, lang, rng)
         prompt = build_generate(tok, cfg, text, canvas, lang=lang)
@@ -124,6 +149,11 @@ class Batch:
     code_target_index: torch.Tensor | None  # flat indices whose hidden state predicts a code
     text_target_index: torch.Tensor | None  # flat indices whose hidden state predicts a text token
     text_targets: torch.Tensor | None
+    # Grounding (understand, examples made with `ground`): per answer about one object, the flat index of the
+    # position that predicts its first token, its example's vision slots (flat) and which of them show the object.
+    ground_query_index: torch.Tensor | None = None   # (Q,)
+    ground_key_index: torch.Tensor | None = None     # (Q, vision tokens)
+    ground_target: torch.Tensor | None = None        # (Q, vision tokens) bool
 
 
 def collate(examples: list[Example], cfg: WallarooConfig) -> Batch:
@@ -134,6 +164,7 @@ def collate(examples: list[Example], cfg: WallarooConfig) -> Batch:
     eol, pad_code = cfg.token_id("<|end_of_line>|"), cfg.token_id("<|generate_image_pad|>")
     rows_ids, rows_pos = [], []
     vision_idx, pixel_idx, code_in, code_tgt, text_tgt, text_y = [], [], [], [], [], []
+    ground_q, ground_k, ground_t = [], [], []
     seqs = []
     for e in examples:
         ids = list(e.prompt.ids)
@@ -158,6 +189,16 @@ def collate(examples: list[Example], cfg: WallarooConfig) -> Batch:
         rows_pos.append(pos)
         vision_idx += [base + s for s in e.prompt.vision_slots]
         pixel_idx += [base + s for s in e.prompt.pixel_slots]
+        if e.ground:
+            targets = e.answer_is_target or [True] * len(cont)
+            # Turn k's answer starts at the k-th run of target ids; the position before it predicts it.
+            starts = [j for j, t in enumerate(targets) if t and (j == 0 or not targets[j - 1])]
+            for turn, mask in e.ground:
+                if len(mask) != len(e.prompt.vision_slots):
+                    raise ValueError(f"grounding mask has {len(mask)} tokens, the image {len(e.prompt.vision_slots)}")
+                ground_q.append(base + n_prompt + starts[turn] - 1)
+                ground_k.append([base + s for s in e.prompt.vision_slots])
+                ground_t.append(mask.tolist())
         for j, t in enumerate(cont):
             at = n_prompt + j
             if task == "understand":
@@ -186,4 +227,6 @@ def collate(examples: list[Example], cfg: WallarooConfig) -> Batch:
         target_images=(torch.cat([images.vq_input(e.target_image, (e.target_image.height, e.target_image.width))
                                   for e in examples]) if task != "understand" else None),
         code_input_index=idx(code_in), code_target_index=idx(code_tgt),
-        text_target_index=idx(text_tgt), text_targets=idx(text_y))
+        text_target_index=idx(text_tgt), text_targets=idx(text_y),
+        ground_query_index=idx(ground_q), ground_key_index=idx(ground_k) if ground_k else None,
+        ground_target=torch.tensor(ground_t, dtype=torch.bool) if ground_t else None)

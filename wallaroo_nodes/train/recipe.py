@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from ..engine.config import LLMConfig, ProtocolConfig, SamplingDefaults, VisionConfig, VQConfig, WallarooConfig
 from ..engine.model import WallarooModel
+from ..engine.rope import apply_rotary, mrope_cos_sin
 from ..engine.text import TextTokenizer
 from ..engine.vq import VQModel
 from ..engine.weights import save_model_folder
@@ -72,6 +73,10 @@ class Stage:
     # object's first cell) or "objects+changes" (also the first cell of each region where the target's code
     # differs from the source's).
     edit_start_cells: str = "none"
+    # Weight of the grounding loss (`grounding_loss`): one attention head, `ground_head` = (layer, head), is
+    # taught to look at the object a question names from the position that starts the answer. 0: off.
+    ground_weight: float = 0.0
+    ground_head: tuple[int, int] = (2, 0)
     # Added to the run's --seed for this stage's data: the bundle's stages 2-4 drew their examples from the
     # next seed after stages 0-1 (twentieth run, docs/tiny_model_runs.md), so one command draws that data order.
     seed_offset: int = 0
@@ -181,16 +186,48 @@ def object_start_cells(codes: torch.Tensor) -> torch.Tensor:
     return region_start_cells(codes != codes[:, :1, :1])
 
 
+def grounding_loss(q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor, model: WallarooModel, head: int,
+                   query_index: torch.Tensor, key_index: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """-log of the attention one head gives the named object's vision tokens, from the position that predicts
+    the answer, averaged over answers.
+
+    q, k: one layer's q_proj / k_proj outputs (B, L, heads * head_dim) / (B, L, kv_heads * head_dim); the keys
+    a query may see are all positions up to it (causal), so the object's share is of the head's whole softmax.
+    """
+    c = model.cfg.llm
+    b, length, _ = q.shape
+    kv_head = head // (c.num_heads // c.num_kv_heads)
+    qh = q.view(b, length, c.num_heads, c.head_dim)[:, :, head:head + 1].transpose(1, 2)
+    kh = k.view(b, length, c.num_kv_heads, c.head_dim)[:, :, kv_head:kv_head + 1].transpose(1, 2)
+    inv_freq, axis = model.rope_tables(q.device)
+    cos, sin = mrope_cos_sin(position_ids, inv_freq, axis, torch.float32)
+    qh = apply_rotary(qh.float(), cos, sin)[:, 0].reshape(b * length, c.head_dim)
+    kh = apply_rotary(kh.float(), cos, sin)[:, 0]  # (B, L, D)
+    rows = query_index // length
+    scores = (qh[query_index][:, None] * kh[rows]).sum(-1) / c.head_dim ** 0.5  # (Q, L)
+    causal = torch.arange(length, device=q.device)[None] <= (query_index % length)[:, None]
+    log_all = scores.masked_fill(~causal, float("-inf")).logsumexp(-1)
+    on_object = scores.gather(1, key_index % length).masked_fill(~target, float("-inf")).logsumexp(-1)
+    return (log_all - on_object).mean()
+
+
 class TrainingModel(nn.Module):
     """Wraps WallarooModel so one forward returns the summed text + image losses (DDP needs a forward)."""
 
-    def __init__(self, model: WallarooModel, first_cell_weight: float = 1.0, edit_start_cells: str = "none"):
+    def __init__(self, model: WallarooModel, first_cell_weight: float = 1.0, edit_start_cells: str = "none",
+                 ground_weight: float = 0.0, ground_head: tuple[int, int] = (2, 0)):
         super().__init__()
         if edit_start_cells not in ("none", "objects", "objects+changes"):
             raise ValueError(f"unknown edit_start_cells {edit_start_cells!r}")
+        layer, head = ground_head
+        if not (0 <= layer < model.cfg.llm.num_layers and 0 <= head < model.cfg.llm.num_heads):
+            raise ValueError(f"ground_head {ground_head} is not a (layer, head) of this "
+                             f"{model.cfg.llm.num_layers}-layer, {model.cfg.llm.num_heads}-head LLM")
         self.model = model
         self.first_cell_weight = first_cell_weight
         self.edit_start_cells = edit_start_cells
+        self.ground_weight = ground_weight
+        self.ground_head = ground_head
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         m, dev = self.model, self.model.device
@@ -223,9 +260,27 @@ class TrainingModel(nn.Module):
                     weights = 1.0 + (self.first_cell_weight - 1.0) * starts.flatten().float()
             fed = m.input_adapter(kind)(m.vq.codebook_entries(codes))
             flat = flat.index_copy(0, batch.code_input_index.to(dev), fed)
-        hidden = m(flat.view(b, length, d), batch.position_ids.to(dev), batch.valid.to(dev)).reshape(b * length, d)
+        grounding = self.ground_weight > 0 and batch.ground_query_index is not None
+        captured: dict[str, torch.Tensor] = {}
+        hooks = []
+        if grounding:
+            attn = m.model.layers[self.ground_head[0]].self_attn
+            hooks = [attn.q_proj.register_forward_hook(lambda mod, inp, out: captured.__setitem__("q", out)),
+                     attn.k_proj.register_forward_hook(lambda mod, inp, out: captured.__setitem__("k", out))]
+        try:
+            hidden = m(flat.view(b, length, d), batch.position_ids.to(dev), batch.valid.to(dev))
+        finally:
+            for h in hooks:
+                h.remove()
+        hidden = hidden.reshape(b * length, d)
         loss = hidden.new_zeros(())
         parts: dict[str, float] = {}
+        if grounding:
+            ground_loss = grounding_loss(captured["q"], captured["k"], batch.position_ids.to(dev), m,
+                                         self.ground_head[1], batch.ground_query_index.to(dev),
+                                         batch.ground_key_index.to(dev), batch.ground_target.to(dev))
+            loss = loss + self.ground_weight * ground_loss
+            parts["ground"] = ground_loss.item()
         if batch.text_target_index is not None:
             logits = m.lm_head(hidden[batch.text_target_index.to(dev)])
             text_loss = F.cross_entropy(logits.float(), batch.text_targets.to(dev))
@@ -434,7 +489,8 @@ def run_stage(index: int, stage: Stage, model: WallarooModel, tok: TextTokenizer
         start = state["step"]
     elif stage.edit_from_generation:
         copy_generation_into_edit(model)
-    trainer: nn.Module = TrainingModel(model, stage.first_cell_weight, stage.edit_start_cells)
+    trainer: nn.Module = TrainingModel(model, stage.first_cell_weight, stage.edit_start_cells, stage.ground_weight,
+                                       stage.ground_head)
     if world > 1:
         trainer = nn.parallel.DistributedDataParallel(trainer, find_unused_parameters=True)
     model.train()
@@ -459,6 +515,7 @@ def run_stage(index: int, stage: Stage, model: WallarooModel, tok: TextTokenizer
         per_rank = max(1, stage.batch_size // world)
         batch = collate([make_example(task, rng, tok, model.cfg, [canvas], qa_turns=stage.qa_turns,
                                       qa_kind_weights=stage.qa_kind_weights, edit_kind_weights=stage.edit_kind_weights,
+                                      ground=stage.ground_weight > 0,
                                       n_objects=rng.choice(stage.gen_objects) if task == "generate" else None)
                          for _ in range(per_rank)], model.cfg)
         for g in opt.param_groups:
