@@ -352,3 +352,24 @@ def test_eval_cases_name_either_of_two_objects(task, offset):
     total = sum(named.values())
     assert total >= 30, named
     assert 0.3 <= named[0] / total <= 0.7, named  # left-hand (first) object
+
+
+def test_question_answer_about_names_the_object_its_answer_is_about():
+    from wallaroo_nodes.shapes import question_answer_about
+    from wallaroo_nodes.shapes.text import _w
+    named = 0
+    for seed in range(300):
+        scene = scene_from_seed(seed)
+        kind = QA_KINDS[seed % len(QA_KINDS)]
+        lang = LANGS[seed % 2]
+        q, a = question_answer(scene, lang, random.Random(seed), kind=kind)
+        q2, a2, obj = question_answer_about(scene, lang, random.Random(seed), kind=kind)
+        assert (q, a) == (q2, a2)  # the same draws
+        if kind in ("count", "background", "description"):
+            assert obj is None
+        elif obj is not None:
+            named += 1
+            assert obj in scene.objects and a == _w(lang, getattr(obj, kind))
+        else:  # "where are the two red circles": two objects alike but for their places
+            assert kind == "position" and len(scene.objects) == 2
+    assert named > 100
