@@ -121,16 +121,15 @@ def object_phrase(obj: Obj, lang: str, rng: random.Random, place: bool = True) -
     return rng.choice((f"{noun}在{where}", f"{where}有{noun}", f"{where}{noun}"))
 
 
+def singles_out(scene: Scene, obj: Obj, attrs: tuple[str, ...]) -> bool:
+    """Whether `obj`'s values of `attrs` differ, in some attribute, from every other object's in the scene."""
+    return all(any(getattr(o, a) != getattr(obj, a) for a in attrs) for o in scene.objects if o != obj)
+
+
 def _unique_refs(scene: Scene, obj: Obj, exclude: str | None) -> list[tuple[str, ...]]:
     """Attribute subsets (0-2 attributes) that single out `obj` among the scene's objects."""
     attrs = [a for a in ("size", "colour", "shape", "position") if a != exclude]
-    others = [o for o in scene.objects if o != obj]
-    refs = []
-    for k in range(0, 3):
-        for combo in itertools.combinations(attrs, k):
-            if all(any(getattr(o, a) != getattr(obj, a) for a in combo) for o in others):
-                refs.append(combo)
-    return refs
+    return [combo for k in range(0, 3) for combo in itertools.combinations(attrs, k) if singles_out(scene, obj, combo)]
 
 
 def reference(scene: Scene, obj: Obj, lang: str, rng: random.Random, exclude: str | None = None) -> str | None:

@@ -18,8 +18,9 @@ from ..engine import images
 from ..engine.config import WallarooConfig
 from ..engine.protocol import Prompt, build_edit, build_generate, build_understand, follow_up_ids
 from ..engine.text import TextTokenizer
-from ..shapes import (EDIT_KINDS, LANGS, QA_KINDS, Obj, Scene, caption, edit_instruction, edit_kinds,
+from ..shapes import (EDIT_KINDS, LANGS, PALETTE, QA_KINDS, Obj, Scene, caption, edit_instruction, edit_kinds,
                       question_answer_about, random_scene, render)
+from ..shapes.world import render_array
 
 TASKS = ("understand", "generate", "edit")
 
@@ -48,9 +49,9 @@ def _weighted_kind(rng: random.Random, kinds: tuple[str, ...], weights: dict[str
 
 def object_token_mask(scene: Scene, obj: Obj, grid: tuple[int, int, int], merge: int) -> torch.Tensor:
     """(vision tokens,) bool: the merged vision tokens (raster order) that show some of `obj`'s pixels."""
-    empty = np.asarray(render(Scene(scene.canvas, scene.background, ())), dtype=np.int16)
-    alone = np.asarray(render(Scene(scene.canvas, scene.background, (obj,))), dtype=np.int16)
-    on = torch.from_numpy((np.abs(alone - empty).sum(-1) > 30).astype(np.float32))[None, None]
+    alone = render_array(Scene(scene.canvas, scene.background, (obj,))).astype(np.int16)
+    background = np.array(PALETTE[scene.background], dtype=np.int16)
+    on = torch.from_numpy((np.abs(alone - background).sum(-1) > 30).astype(np.float32))[None, None]
     rows, cols = grid[1] // merge, grid[2] // merge
     # Share of each token's area the object covers; a sliver under 5% is antialiasing, not the object.
     return (F.adaptive_avg_pool2d(on, (rows, cols)) > 0.05).flatten()
@@ -150,7 +151,8 @@ class Batch:
     text_target_index: torch.Tensor | None  # flat indices whose hidden state predicts a text token
     text_targets: torch.Tensor | None
     # Grounding (understand, examples made with `ground`): per answer about one object, the flat index of the
-    # position that predicts its first token, its example's vision slots (flat) and which of them show the object.
+    # position that predicts its first token, its row's vision slots (positions in the row) and which of them
+    # show the object.
     ground_query_index: torch.Tensor | None = None   # (Q,)
     ground_key_index: torch.Tensor | None = None     # (Q, vision tokens)
     ground_target: torch.Tensor | None = None        # (Q, vision tokens) bool
@@ -197,8 +199,8 @@ def collate(examples: list[Example], cfg: WallarooConfig) -> Batch:
                 if len(mask) != len(e.prompt.vision_slots):
                     raise ValueError(f"grounding mask has {len(mask)} tokens, the image {len(e.prompt.vision_slots)}")
                 ground_q.append(base + n_prompt + starts[turn] - 1)
-                ground_k.append([base + s for s in e.prompt.vision_slots])
-                ground_t.append(mask.tolist())
+                ground_k.append(e.prompt.vision_slots)
+                ground_t.append(mask)
         for j, t in enumerate(cont):
             at = n_prompt + j
             if task == "understand":
@@ -228,5 +230,5 @@ def collate(examples: list[Example], cfg: WallarooConfig) -> Batch:
                                   for e in examples]) if task != "understand" else None),
         code_input_index=idx(code_in), code_target_index=idx(code_tgt),
         text_target_index=idx(text_tgt), text_targets=idx(text_y),
-        ground_query_index=idx(ground_q), ground_key_index=idx(ground_k) if ground_k else None,
-        ground_target=torch.tensor(ground_t, dtype=torch.bool) if ground_t else None)
+        ground_query_index=idx(ground_q), ground_key_index=idx(ground_k),
+        ground_target=torch.stack(ground_t) if ground_t else None)

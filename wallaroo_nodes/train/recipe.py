@@ -191,23 +191,25 @@ def grounding_loss(q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor,
     """-log of the attention one head gives the named object's vision tokens, from the position that predicts
     the answer, averaged over answers.
 
-    q, k: one layer's q_proj / k_proj outputs (B, L, heads * head_dim) / (B, L, kv_heads * head_dim); the keys
-    a query may see are all positions up to it (causal), so the object's share is of the head's whole softmax.
+    q, k: one layer's q_proj / k_proj outputs (B, L, heads * head_dim) / (B, L, kv_heads * head_dim); query_index
+    flat (B * L) positions, key_index (Q, tokens) positions within each query's row. The keys a query may see are
+    all positions up to it (causal), so the object's share is of the head's whole softmax.
     """
     c = model.cfg.llm
     b, length, _ = q.shape
     kv_head = head // (c.num_heads // c.num_kv_heads)
-    qh = q.view(b, length, c.num_heads, c.head_dim)[:, :, head:head + 1].transpose(1, 2)
-    kh = k.view(b, length, c.num_kv_heads, c.head_dim)[:, :, kv_head:kv_head + 1].transpose(1, 2)
     inv_freq, axis = model.rope_tables(q.device)
-    cos, sin = mrope_cos_sin(position_ids, inv_freq, axis, torch.float32)
-    qh = apply_rotary(qh.float(), cos, sin)[:, 0].reshape(b * length, c.head_dim)
-    kh = apply_rotary(kh.float(), cos, sin)[:, 0]  # (B, L, D)
+    cos, sin = mrope_cos_sin(position_ids, inv_freq, axis, torch.float32)  # (B, L, D)
     rows = query_index // length
-    scores = (qh[query_index][:, None] * kh[rows]).sum(-1) / c.head_dim ** 0.5  # (Q, L)
+    # Only the query rows are rotated; the keys of their sequences all are.
+    qh = q.view(b * length, c.num_heads, c.head_dim)[query_index, head].float()
+    qh = apply_rotary(qh[None, None], cos.flatten(0, 1)[query_index][None], sin.flatten(0, 1)[query_index][None])
+    kh = k.view(b, length, c.num_kv_heads, c.head_dim)[rows, :, kv_head].float()  # (Q, L, D)
+    kh = apply_rotary(kh[:, None], cos[rows], sin[rows])[:, 0]
+    scores = (qh[0, 0, :, None] * kh).sum(-1) / c.head_dim ** 0.5  # (Q, L)
     causal = torch.arange(length, device=q.device)[None] <= (query_index % length)[:, None]
     log_all = scores.masked_fill(~causal, float("-inf")).logsumexp(-1)
-    on_object = scores.gather(1, key_index % length).masked_fill(~target, float("-inf")).logsumexp(-1)
+    on_object = scores.gather(1, key_index).masked_fill(~target, float("-inf")).logsumexp(-1)
     return (log_all - on_object).mean()
 
 
@@ -589,8 +591,7 @@ def check_run_options(out: Path, options: dict[str, bool]) -> None:
         path.write_text(json.dumps(options, sort_keys=True) + "\n")
         return
     recorded = json.loads(path.read_text())
-    changed = {k: v for k, v in options.items() if recorded.get(k, False) != v}
-    if changed:
+    if any(recorded.get(k, False) != v for k, v in options.items()):
         flags = " ".join("--" + k.replace("_", "-") for k, v in sorted(recorded.items()) if v) or "no option flags"
         raise SystemExit(f"{out} was started with {flags} ({path}); resume it with the same options, or start "
                          f"a new --out folder")

@@ -32,6 +32,7 @@ from ..engine import images
 from ..engine.config import VisionConfig
 from ..engine.vision import VisionTower
 from ..shapes import BACKGROUND_COLOURS, CANVAS_SIZES, OBJECT_COLOURS, POSITIONS, SHAPES, SIZES, Scene, random_scene, render
+from ..shapes.text import singles_out
 from .schedule import SAVE_EVERY_S, lr_at
 
 SLOT_FIELDS: tuple[tuple[str, int], ...] = (("present", 2), ("shape", len(SHAPES)), ("colour", len(OBJECT_COLOURS)),
@@ -45,6 +46,8 @@ FIND_FIELDS: tuple[tuple[str, int], ...] = (("position", len(POSITIONS)),) + tup
     (name, len(values)) for name, values in FIND_ATTRIBUTES)
 # One description query per object, at most one object per slot; the same read-out serves every query.
 PARSE_FIELDS += tuple((f"find{k}.{name}", n) for k in range(len(POSITIONS)) for name, n in FIND_FIELDS)
+# A description query's attribute indices with every attribute left out (index len(values)): no query.
+NO_DESCRIPTION: list[int] = [len(values) for _, values in FIND_ATTRIBUTES]
 IGNORE = -100  # attributes of an empty slot
 
 
@@ -54,21 +57,18 @@ def scene_descriptions(scene: Scene, rng: random.Random) -> list[list[int]]:
 
     An object that only its place tells apart from another gets no query: its description names two objects.
     """
-    absent = [len(values) for _, values in FIND_ATTRIBUTES]
+    names = tuple(name for name, _ in FIND_ATTRIBUTES)
     out = []
     for obj in scene.objects:
-        others = [o for o in scene.objects if o != obj]
-        subsets = [combo for k in range(1, len(FIND_ATTRIBUTES) + 1)
-                   for combo in itertools.combinations(range(len(FIND_ATTRIBUTES)), k)
-                   if all(any(getattr(o, FIND_ATTRIBUTES[a][0]) != getattr(obj, FIND_ATTRIBUTES[a][0]) for a in combo)
-                          for o in others)]
+        subsets = [combo for k in range(1, len(names) + 1) for combo in itertools.combinations(names, k)
+                   if singles_out(scene, obj, combo)]
         if not subsets:
-            out.append(list(absent))
+            out.append(list(NO_DESCRIPTION))
             continue
         combo = rng.choice(subsets)
-        out.append([values.index(getattr(obj, name)) if a in combo else absent[a]
+        out.append([values.index(getattr(obj, name)) if name in combo else NO_DESCRIPTION[a]
                     for a, (name, values) in enumerate(FIND_ATTRIBUTES)])
-    return out + [list(absent)] * (len(POSITIONS) - len(out))
+    return out + [list(NO_DESCRIPTION)] * (len(POSITIONS) - len(out))
 
 
 def scene_targets(scene: Scene, descriptions: list[list[int]] | None = None) -> list[int]:
@@ -81,14 +81,13 @@ def scene_targets(scene: Scene, descriptions: list[list[int]] | None = None) -> 
             out += [0, IGNORE, IGNORE, IGNORE]
         else:
             out += [1, SHAPES.index(obj.shape), OBJECT_COLOURS.index(obj.colour), SIZES.index(obj.size)]
-    absent = [len(values) for _, values in FIND_ATTRIBUTES]
     for k in range(len(POSITIONS)):
-        if descriptions is None or descriptions[k] == absent:
+        if descriptions is None or descriptions[k] == NO_DESCRIPTION:
             out += [IGNORE] * len(FIND_FIELDS)
         else:
             obj = scene.objects[k]
-            out += [POSITIONS.index(obj.position), SHAPES.index(obj.shape), OBJECT_COLOURS.index(obj.colour),
-                    SIZES.index(obj.size)]
+            out += [POSITIONS.index(obj.position)]
+            out += [values.index(getattr(obj, name)) for name, values in FIND_ATTRIBUTES]
     return out
 
 
@@ -160,7 +159,7 @@ def scene_batch(rng: random.Random, cfg: VisionConfig, n: int, describe: bool = 
     """n random scenes on one random canvas: vision patches, grids, tokens per image, description queries,
     parse targets. Without `describe` no description is drawn (the find fields are IGNORE), so the scenes are
     the ones runs before the find read-out drew."""
-    absent = [[len(values) for _, values in FIND_ATTRIBUTES]] * len(POSITIONS)
+    absent = [NO_DESCRIPTION] * len(POSITIONS)
     canvas = rng.choice([tuple(c) for c in CANVAS_SIZES])
     patches, grids, descriptions, targets = [], [], [], []
     for _ in range(n):
