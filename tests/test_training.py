@@ -585,6 +585,16 @@ def test_a_resume_must_repeat_the_run_options(tmp_path):
     assert json.loads((tmp_path / "options.json").read_text()) == {"vision_find": False, "mrope_interleaved": True}
 
 
+def test_ground_option_weighs_every_stage_that_trains_understanding_and_no_other():
+    """--ground (forty-first run) turns the grounding loss on from stage 0 on, where a question can name an object."""
+    from wallaroo_nodes.train.recipe import default_stages, with_grounding
+    plain = default_stages()
+    grounded = with_grounding(plain)
+    assert [s.ground_weight for s in plain] == [0.0] * len(plain)  # the bundle's recipe stays without it
+    assert [s.ground_weight > 0 for s in grounded] == ["understand" in s.tasks for s in plain]
+    assert grounded[0].ground_weight == 1.0 and grounded[1].ground_weight == 0.0  # stage 1 only generates
+
+
 def test_grounding_marks_the_named_objects_tokens_and_keeps_the_draws(setup):
     from wallaroo_nodes.shapes import Obj, Scene
     from wallaroo_nodes.train.data import object_token_mask

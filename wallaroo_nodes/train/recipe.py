@@ -113,6 +113,11 @@ def default_stages(scale: float = 1.0) -> list[Stage]:
     ]
 
 
+def with_grounding(stages: list[Stage], weight: float = 1.0) -> list[Stage]:
+    """The stages with the grounding loss at `weight` wherever they train understanding (`--ground`)."""
+    return [replace(s, ground_weight=weight) if "understand" in s.tasks else s for s in stages]
+
+
 def tiny_model_config(tokens: dict[str, int], vocab_size: int, mrope_interleaved: bool = False) -> WallarooConfig:
     """The architecture of the bundled tiny model: same code paths as 7B, sized for two CPU cores.
 
@@ -714,6 +719,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="vision pretraining also finds each object from a description (thirty-eighth run)")
     parser.add_argument("--mrope-interleaved", action="store_true",
                         help="the LLM's M-RoPE in Qwen3-VL's interleaved layout (thirty-ninth run)")
+    parser.add_argument("--ground", action="store_true",
+                        help="the grounding loss in every stage with understanding, from stage 0 on (forty-first run)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
     parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
@@ -731,9 +738,12 @@ def main(argv: list[str] | None = None) -> int:
     log(json.dumps({"event": "started", "world_size": world, "threads_per_rank": torch.get_num_threads(),
                     "device": str(device)}))
     if rank == 0:
-        check_run_options(args.out, {"vision_find": args.vision_find, "mrope_interleaved": args.mrope_interleaved})
+        check_run_options(args.out, {"vision_find": args.vision_find, "mrope_interleaved": args.mrope_interleaved,
+                                     "ground": args.ground})
     model, tok = build_or_resume(args.out, args.seed, device, rank, mrope_interleaved=args.mrope_interleaved)
     stages = [replace(s, batch_size=args.batch_size) if args.batch_size else s for s in default_stages(args.scale)]
+    if args.ground:
+        stages = with_grounding(stages)
     vq_run = (model.cfg.vq, args.vq_steps, args.out, args.seed)
     vq_kw = {"batch_size": args.vq_batch_size, "warm_steps": args.vq_warm_steps}
     threads = torch.get_num_threads()
