@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from wallaroo_nodes.engine.model import WallarooModel
 from wallaroo_nodes.engine.text import TextTokenizer
@@ -610,7 +611,64 @@ def test_grounding_marks_the_named_objects_tokens_and_keeps_the_draws(setup):
         plain = make_example("understand", random.Random(seed), tok, cfg, [(64, 64)], qa_turns=3)
         grounded = make_example("understand", random.Random(seed), tok, cfg, [(64, 64)], qa_turns=3, ground=True)
         assert plain.answer_ids == grounded.answer_ids and not plain.ground
-        assert all(mask.shape == (len(grounded.prompt.vision_slots),) and mask.any() for _, mask in grounded.ground)
+        assert all(g.mask.shape == (len(grounded.prompt.vision_slots),) and g.mask.any() for g in grounded.ground)
+    from wallaroo_nodes.train.data import READOUT_FIELDS, readout_fields
+    assert [values[i] for (_, values), i in zip(READOUT_FIELDS, readout_fields(left))] == ["left", "circle", "red", "large"]
+
+
+def test_grounding_readout_reads_the_grounded_heads_output_learns_it_and_resumes_unexported(setup, tmp_path,
+                                                                                            monkeypatch):
+    """--ground-readout: probes on the grounded head's output at each answer start (the slice o_proj sees), trained
+    with the stage, saved in its checkpoint and never part of the model."""
+    import wallaroo_nodes.engine.llm as llm_module
+    tok, cfg = setup
+    torch.manual_seed(0)
+    model = WallarooModel(cfg).train()
+    examples = [make_example("understand", random.Random(s), tok, cfg, [(64, 64)], qa_turns=3, ground=True)
+                for s in range(6)]
+    batch = collate(examples, cfg)
+    assert batch.ground_fields.shape == (len(batch.ground_query_index), 4)
+    layer, head = 1, 2
+    outputs: list[torch.Tensor] = []
+    real = llm_module.attention
+
+    def recording(q, k, v, mask, backend="sdpa"):
+        out = real(q, k, v, mask, backend)
+        outputs.append(out)  # (B, heads, L, head_dim)
+        return out
+
+    monkeypatch.setattr(llm_module, "attention", recording)
+    trainer = TrainingModel(model, ground_weight=1.0, ground_head=(layer, head), ground_readout_weight=1.0)
+    with torch.no_grad():
+        _, parts = trainer(batch)
+    b, length = batch.ids.shape
+    at_head = outputs[layer][:, head].reshape(b * length, -1)[batch.ground_query_index]
+    expected = sum(F.cross_entropy(probe(at_head), batch.ground_fields[:, i]) for i, probe in enumerate(trainer.readout))
+    assert abs(parts["readout"] - expected.item()) < 1e-4, (parts["readout"], expected.item())
+    monkeypatch.setattr(llm_module, "attention", real)
+    with pytest.raises(ValueError, match="needs ground_weight"):
+        TrainingModel(model, ground_readout_weight=1.0)
+    # The probes and the head learn the read-out together.
+    opt = torch.optim.AdamW(trainable_parameters(model, "reader") + list(trainer.readout.parameters()), lr=3e-3)
+    first = parts["readout"]
+    for _ in range(20):
+        loss, parts = trainer(batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert parts["readout"] < 0.5 * first, (first, parts["readout"])
+    # run_stage trains the probes with the stage and keeps them in its checkpoint only; a resume loads them.
+    stage = Stage("0-understanding-pretrain", 3, 1e-3, {"understand": 1.0}, [(64, 64)], trainable="reader",
+                  batch_size=2, ground_weight=1.0, ground_readout_weight=1.0)
+    run_stage(0, stage, model, tok, tmp_path, 0, torch.device("cpu"), 0, 1, log=lambda line: None,
+              precision=torch.float32)
+    saved = torch.load(tmp_path / "stage0.pt", weights_only=True)
+    assert set(saved["readout"]) == set(trainer.readout.state_dict())
+    assert not any(k.startswith("readout") for k in model.state_dict())
+    (tmp_path / "stage0.done").unlink()
+    run_stage(0, stage, model, tok, tmp_path, 0, torch.device("cpu"), 0, 1, log=lambda line: None,
+              precision=torch.float32)  # resumes at its last step: loads model, probes and optimizer, trains nothing
+    assert (tmp_path / "stage0.done").exists()
 
 
 def test_grounding_loss_is_minus_log_the_heads_attention_on_the_object(setup, monkeypatch):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -18,11 +19,28 @@ from ..engine import images
 from ..engine.config import WallarooConfig
 from ..engine.protocol import Prompt, build_edit, build_generate, build_understand, follow_up_ids
 from ..engine.text import TextTokenizer
-from ..shapes import (EDIT_KINDS, LANGS, PALETTE, QA_KINDS, Obj, Scene, caption, edit_instruction, edit_kinds,
-                      question_answer_about, random_scene, render)
+from ..shapes import (EDIT_KINDS, LANGS, OBJECT_COLOURS, PALETTE, POSITIONS, QA_KINDS, SHAPES, SIZES, Obj, Scene,
+                      caption, edit_instruction, edit_kinds, question_answer_about, random_scene, render)
 from ..shapes.world import render_array
 
 TASKS = ("understand", "generate", "edit")
+# What the grounding read-out (recipe.Stage.ground_readout_weight) asks of the grounded head's output about the
+# object it looks at: (attribute, values), place first.
+READOUT_FIELDS: tuple[tuple[str, tuple[str, ...]], ...] = (("position", POSITIONS), ("shape", SHAPES),
+                                                           ("colour", OBJECT_COLOURS), ("size", SIZES))
+
+
+class Grounding(NamedTuple):
+    """One answer about one object: which turn, the vision tokens that show the object, its READOUT_FIELDS."""
+
+    turn: int
+    mask: torch.Tensor                    # (vision tokens,) bool
+    fields: tuple[int, ...]               # the object's index in each READOUT_FIELDS value list
+
+
+def readout_fields(obj: Obj) -> tuple[int, ...]:
+    """The object's READOUT_FIELDS as value indices."""
+    return tuple(values.index(getattr(obj, name)) for name, values in READOUT_FIELDS)
 
 
 @dataclass
@@ -38,8 +56,8 @@ class Example:
     vision_grid: tuple[int, int, int] | None = None
     vision_patches: torch.Tensor | None = None
     pixel_source: torch.Tensor | None = None                  # edit: (1, 3, H, W) VQ input in [-1, 1]
-    # understand, with `ground`: per answer that names one object, (turn, vision tokens showing that object)
-    ground: list[tuple[int, torch.Tensor]] = field(default_factory=list)
+    # understand, with `ground`: per answer that names one object, where and what that object is
+    ground: list[Grounding] = field(default_factory=list)
 
 
 def _weighted_kind(rng: random.Random, kinds: tuple[str, ...], weights: dict[str, float]) -> str:
@@ -106,7 +124,8 @@ def make_example(task: str, rng: random.Random, tok: TextTokenizer, cfg: Wallaro
             ids += turn + reply
             targets += [False] * len(turn) + [True] * len(reply)
         merge = cfg.vision.spatial_merge_size
-        grounds = [(turn, object_token_mask(scene, obj, grid, merge)) for turn, obj in named] if ground else []
+        grounds = [Grounding(turn, object_token_mask(scene, obj, grid, merge), readout_fields(obj))
+                   for turn, obj in named] if ground else []
         return Example(task, prompt, answer_ids=ids, answer_is_target=targets, source_image=image, vision_grid=grid,
                        vision_patches=patches, ground=grounds)
     if task == "generate":
@@ -156,6 +175,7 @@ class Batch:
     ground_query_index: torch.Tensor | None = None   # (Q,)
     ground_key_index: torch.Tensor | None = None     # (Q, vision tokens)
     ground_target: torch.Tensor | None = None        # (Q, vision tokens) bool
+    ground_fields: torch.Tensor | None = None        # (Q, len(READOUT_FIELDS)) the named object's value indices
 
 
 def collate(examples: list[Example], cfg: WallarooConfig) -> Batch:
@@ -166,7 +186,7 @@ def collate(examples: list[Example], cfg: WallarooConfig) -> Batch:
     eol, pad_code = cfg.token_id("<|end_of_line>|"), cfg.token_id("<|generate_image_pad|>")
     rows_ids, rows_pos = [], []
     vision_idx, pixel_idx, code_in, code_tgt, text_tgt, text_y = [], [], [], [], [], []
-    ground_q, ground_k, ground_t = [], [], []
+    ground_q, ground_k, ground_t, ground_f = [], [], [], []
     seqs = []
     for e in examples:
         ids = list(e.prompt.ids)
@@ -195,12 +215,13 @@ def collate(examples: list[Example], cfg: WallarooConfig) -> Batch:
             targets = e.answer_is_target or [True] * len(cont)
             # Turn k's answer starts at the k-th run of target ids; the position before it predicts it.
             starts = [j for j, t in enumerate(targets) if t and (j == 0 or not targets[j - 1])]
-            for turn, mask in e.ground:
+            for turn, mask, fields in e.ground:
                 if len(mask) != len(e.prompt.vision_slots):
                     raise ValueError(f"grounding mask has {len(mask)} tokens, the image {len(e.prompt.vision_slots)}")
                 ground_q.append(base + n_prompt + starts[turn] - 1)
                 ground_k.append(e.prompt.vision_slots)
                 ground_t.append(mask)
+                ground_f.append(fields)
         for j, t in enumerate(cont):
             at = n_prompt + j
             if task == "understand":
@@ -231,4 +252,5 @@ def collate(examples: list[Example], cfg: WallarooConfig) -> Batch:
         code_input_index=idx(code_in), code_target_index=idx(code_tgt),
         text_target_index=idx(text_tgt), text_targets=idx(text_y),
         ground_query_index=idx(ground_q), ground_key_index=idx(ground_k),
-        ground_target=torch.stack(ground_t) if ground_t else None)
+        ground_target=torch.stack(ground_t) if ground_t else None,
+        ground_fields=torch.tensor(ground_f, dtype=torch.long) if ground_f else None)

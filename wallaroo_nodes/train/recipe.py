@@ -32,7 +32,7 @@ from ..engine.vq import VQModel
 from ..engine.weights import save_model_folder
 from ..shapes import CANVAS_SIZES, random_scene, render
 from ..engine import images
-from .data import Batch, collate, make_example
+from .data import READOUT_FIELDS, Batch, collate, make_example
 from .schedule import SAVE_EVERY_S, lr_at
 from .tokenizer import train_tokenizer
 from .vision_pretrain import pretrain_vision
@@ -77,6 +77,11 @@ class Stage:
     # taught to look at the object a question names from the position that starts the answer. 0: off.
     ground_weight: float = 0.0
     ground_head: tuple[int, int] = (2, 0)
+    # Weight of the grounding read-out: linear probes trained with the stage read the named object's place,
+    # shape, colour and size (data.READOUT_FIELDS) from the grounded head's output at the answer start, so its
+    # values must carry them. Grounded from stage 0 the head fetched the object's colour but not its place
+    # (docs/tiny_model_runs.md, stage-0 probes). The probes are dropped at export. 0: off; needs ground_weight.
+    ground_readout_weight: float = 0.0
     # Added to the run's --seed for this stage's data: the bundle's stages 2-4 drew their examples from the
     # next seed after stages 0-1 (twentieth run, docs/tiny_model_runs.md), so one command draws that data order.
     seed_offset: int = 0
@@ -113,9 +118,11 @@ def default_stages(scale: float = 1.0) -> list[Stage]:
     ]
 
 
-def with_grounding(stages: list[Stage], weight: float = 1.0) -> list[Stage]:
-    """The stages with the grounding loss at `weight` wherever they train understanding (`--ground`)."""
-    return [replace(s, ground_weight=weight) if "understand" in s.tasks else s for s in stages]
+def with_grounding(stages: list[Stage], weight: float = 1.0, readout_weight: float = 0.0) -> list[Stage]:
+    """The stages with the grounding loss at `weight` (and its read-out at `readout_weight`) wherever they train
+    understanding (`--ground`, `--ground-readout`)."""
+    return [replace(s, ground_weight=weight, ground_readout_weight=readout_weight) if "understand" in s.tasks else s
+            for s in stages]
 
 
 def tiny_model_config(tokens: dict[str, int], vocab_size: int, mrope_interleaved: bool = False) -> WallarooConfig:
@@ -222,8 +229,10 @@ class TrainingModel(nn.Module):
     """Wraps WallarooModel so one forward returns the summed text + image losses (DDP needs a forward)."""
 
     def __init__(self, model: WallarooModel, first_cell_weight: float = 1.0, edit_start_cells: str = "none",
-                 ground_weight: float = 0.0, ground_head: tuple[int, int] = (2, 0)):
+                 ground_weight: float = 0.0, ground_head: tuple[int, int] = (2, 0), ground_readout_weight: float = 0.0):
         super().__init__()
+        if ground_readout_weight > 0 and ground_weight <= 0:
+            raise ValueError("ground_readout_weight reads the grounded head, so it needs ground_weight > 0")
         if edit_start_cells not in ("none", "objects", "objects+changes"):
             raise ValueError(f"unknown edit_start_cells {edit_start_cells!r}")
         layer, head = ground_head
@@ -235,6 +244,10 @@ class TrainingModel(nn.Module):
         self.edit_start_cells = edit_start_cells
         self.ground_weight = ground_weight
         self.ground_head = ground_head
+        self.ground_readout_weight = ground_readout_weight
+        # Training-only probes (not in the model, so not exported); their state rides in the stage checkpoint.
+        self.readout = nn.ModuleList(nn.Linear(model.cfg.llm.head_dim, len(values)) for _, values in READOUT_FIELDS) \
+            if ground_readout_weight > 0 else None
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         m, dev = self.model, self.model.device
@@ -274,6 +287,9 @@ class TrainingModel(nn.Module):
             attn = m.model.layers[self.ground_head[0]].self_attn
             hooks = [attn.q_proj.register_forward_hook(lambda mod, inp, out: captured.__setitem__("q", out)),
                      attn.k_proj.register_forward_hook(lambda mod, inp, out: captured.__setitem__("k", out))]
+            if self.readout is not None:  # o_proj's input: the heads' outputs side by side
+                hooks.append(attn.o_proj.register_forward_pre_hook(
+                    lambda mod, inp: captured.__setitem__("heads", inp[0])))
         try:
             hidden = m(flat.view(b, length, d), batch.position_ids.to(dev), batch.valid.to(dev))
         finally:
@@ -288,6 +304,10 @@ class TrainingModel(nn.Module):
                                          batch.ground_key_index.to(dev), batch.ground_target.to(dev))
             loss = loss + self.ground_weight * ground_loss
             parts["ground"] = ground_loss.item()
+            if self.readout is not None:
+                readout_loss = self.grounded_readout_loss(captured["heads"], batch)
+                loss = loss + self.ground_readout_weight * readout_loss
+                parts["readout"] = readout_loss.item()
         if batch.text_target_index is not None:
             logits = m.lm_head(hidden[batch.text_target_index.to(dev)])
             text_loss = F.cross_entropy(logits.float(), batch.text_targets.to(dev))
@@ -303,6 +323,16 @@ class TrainingModel(nn.Module):
             loss = loss + image_loss
             parts["image"] = image_loss.item()
         return loss, parts
+
+    def grounded_readout_loss(self, heads: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """Cross-entropy of the read-out probes on the grounded head's output at each answer start, summed over
+        READOUT_FIELDS."""
+        c = self.model.cfg.llm
+        head = self.ground_head[1]
+        at = heads.reshape(-1, heads.shape[-1])[batch.ground_query_index.to(heads.device)]
+        out = at[:, head * c.head_dim:(head + 1) * c.head_dim].float()
+        fields = batch.ground_fields.to(heads.device)
+        return sum(F.cross_entropy(probe(out), fields[:, i]) for i, probe in enumerate(self.readout))
 
 
 def training_precision(device: torch.device) -> torch.dtype:
@@ -487,17 +517,23 @@ def run_stage(index: int, stage: Stage, model: WallarooModel, tok: TextTokenizer
     if done_marker.exists():
         return
     params = trainable_parameters(model, stage.trainable)
+    training_model = TrainingModel(model, stage.first_cell_weight, stage.edit_start_cells, stage.ground_weight,
+                                   stage.ground_head, stage.ground_readout_weight).to(device)
+    probes = training_model.readout
+    if probes is not None:
+        params = params + list(probes.parameters())
     opt = torch.optim.AdamW(params, lr=stage.lr, betas=(0.9, 0.95), weight_decay=0.01)
     start = 0
     if ckpt.exists():
         state = torch.load(ckpt, map_location=device, weights_only=True)
         load_training_state(model, state["model"])
+        if probes is not None:
+            probes.load_state_dict(state["readout"])
         opt.load_state_dict(state["optimizer"])
         start = state["step"]
     elif stage.edit_from_generation:
         copy_generation_into_edit(model)
-    trainer: nn.Module = TrainingModel(model, stage.first_cell_weight, stage.edit_start_cells, stage.ground_weight,
-                                       stage.ground_head)
+    trainer: nn.Module = training_model
     if world > 1:
         trainer = nn.parallel.DistributedDataParallel(trainer, find_unused_parameters=True)
     model.train()
@@ -539,7 +575,8 @@ def run_stage(index: int, stage: Stage, model: WallarooModel, tok: TextTokenizer
         bar.set_postfix({**{k: f"{v:.3f}" for k, v in ema.items()}, "samples/s": f"{seen / (time.time() - t0):.1f}"}, refresh=False)
         if rank == 0 and (time.time() - last_save > SAVE_EVERY_S or step + 1 == stage.steps):
             last_save = time.time()
-            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step + 1}, ckpt)
+            extra = {"readout": probes.state_dict()} if probes is not None else {}
+            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step + 1, **extra}, ckpt)
             log(json.dumps({"stage": stage.name, "step": step + 1, **{k: round(v, 4) for k, v in ema.items()},
                             "samples_per_s": round(seen / (time.time() - t0), 1),
                             "precision": str(precision).removeprefix("torch.")}))
@@ -721,6 +758,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="the LLM's M-RoPE in Qwen3-VL's interleaved layout (thirty-ninth run)")
     parser.add_argument("--ground", action="store_true",
                         help="the grounding loss in every stage with understanding, from stage 0 on (forty-first run)")
+    parser.add_argument("--ground-readout", action="store_true",
+                        help="with --ground, probes must read the named object's place and looks from the grounded "
+                             "head (forty-second run)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
     parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
@@ -739,11 +779,13 @@ def main(argv: list[str] | None = None) -> int:
                     "device": str(device)}))
     if rank == 0:
         check_run_options(args.out, {"vision_find": args.vision_find, "mrope_interleaved": args.mrope_interleaved,
-                                     "ground": args.ground})
+                                     "ground": args.ground, "ground_readout": args.ground_readout})
     model, tok = build_or_resume(args.out, args.seed, device, rank, mrope_interleaved=args.mrope_interleaved)
     stages = [replace(s, batch_size=args.batch_size) if args.batch_size else s for s in default_stages(args.scale)]
+    if args.ground_readout and not args.ground:
+        parser.error("--ground-readout reads the grounded head: pass --ground too")
     if args.ground:
-        stages = with_grounding(stages)
+        stages = with_grounding(stages, readout_weight=1.0 if args.ground_readout else 0.0)
     vq_run = (model.cfg.vq, args.vq_steps, args.out, args.seed)
     vq_kw = {"batch_size": args.vq_batch_size, "warm_steps": args.vq_warm_steps}
     threads = torch.get_num_threads()
