@@ -596,6 +596,14 @@ def test_ground_option_weighs_every_stage_that_trains_understanding_and_no_other
     assert grounded[0].ground_weight == 1.0 and grounded[1].ground_weight == 0.0  # stage 1 only generates
 
 
+def test_ground_readout_without_ground_stops_before_touching_the_run_folder(tmp_path, capsys):
+    from wallaroo_nodes.train.recipe import main
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path / "run"), "--ground-readout"])
+    assert "pass --ground too" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 def test_grounding_marks_the_named_objects_tokens_and_keeps_the_draws(setup):
     from wallaroo_nodes.shapes import Obj, Scene
     from wallaroo_nodes.train.data import object_token_mask

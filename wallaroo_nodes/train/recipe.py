@@ -767,6 +767,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="autocast dtype of the stages (auto: bf16 where the hardware has native bf16)")
     parser.add_argument("--batch-size", type=int, default=0, help="override every stage's batch size (0 = recipe's)")
     args = parser.parse_args(argv)
+    if args.ground_readout and not args.ground:  # before the run folder records options it cannot train
+        parser.error("--ground-readout reads the grounded head: pass --ground too")
     if args.threads:
         torch.set_num_threads(args.threads)
     rank, world = _dist()
@@ -782,8 +784,6 @@ def main(argv: list[str] | None = None) -> int:
                                      "ground": args.ground, "ground_readout": args.ground_readout})
     model, tok = build_or_resume(args.out, args.seed, device, rank, mrope_interleaved=args.mrope_interleaved)
     stages = [replace(s, batch_size=args.batch_size) if args.batch_size else s for s in default_stages(args.scale)]
-    if args.ground_readout and not args.ground:
-        parser.error("--ground-readout reads the grounded head: pass --ground too")
     if args.ground:
         stages = with_grounding(stages, readout_weight=1.0 if args.ground_readout else 0.0)
     vq_run = (model.cfg.vq, args.vq_steps, args.out, args.seed)
