@@ -584,6 +584,11 @@ def test_a_resume_must_repeat_the_run_options(tmp_path):
     with pytest.raises(SystemExit, match="--mrope-interleaved"):
         check_run_options(tmp_path, {"vision_find": False, "mrope_interleaved": False})
     assert json.loads((tmp_path / "options.json").read_text()) == {"vision_find": False, "mrope_interleaved": True}
+    weighted = tmp_path / "weighted"
+    weighted.mkdir()
+    check_run_options(weighted, {"ground": True, "ground_two_objects": 3.0})
+    with pytest.raises(SystemExit, match="--ground --ground-two-objects 3.0"):
+        check_run_options(weighted, {"ground": True, "ground_two_objects": False})
 
 
 def test_ground_option_weighs_every_stage_that_trains_understanding_and_no_other():
@@ -596,11 +601,37 @@ def test_ground_option_weighs_every_stage_that_trains_understanding_and_no_other
     assert grounded[0].ground_weight == 1.0 and grounded[1].ground_weight == 0.0  # stage 1 only generates
 
 
+def test_two_object_answers_count_as_often_as_their_weight_in_grounding_and_readout(setup):
+    """ground_two_object_weight 3 gives the losses a batch gives with each two-object answer's grounding thrice."""
+    from dataclasses import replace as copy_with
+    tok, cfg = setup
+    torch.manual_seed(0)
+    model = WallarooModel(cfg).eval()
+    examples = [make_example("understand", random.Random(s), tok, cfg, [(64, 64)], qa_turns=3, ground=True)
+                for s in range(8)]
+    assert {g.scene_objects for e in examples for g in e.ground} == {1, 2}
+    tripled = [copy_with(e, ground=[g for g in e.ground for _ in range(3 if g.scene_objects > 1 else 1)])
+               for e in examples]
+    torch.manual_seed(1)
+    weighted = TrainingModel(model, ground_weight=1.0, ground_readout_weight=1.0, ground_two_object_weight=3.0)
+    plain = TrainingModel(model, ground_weight=1.0, ground_readout_weight=1.0)
+    plain.readout.load_state_dict(weighted.readout.state_dict())
+    with torch.no_grad():
+        _, by_weight = weighted(collate(examples, cfg))
+        _, by_copies = plain(collate(tripled, cfg))
+        _, unweighted = plain(collate(examples, cfg))
+    for part in ("ground", "readout"):
+        assert abs(by_weight[part] - by_copies[part]) < 1e-5, (part, by_weight, by_copies)
+        assert abs(by_weight[part] - unweighted[part]) > 1e-4  # the weight changes something
+
+
 def test_ground_readout_without_ground_stops_before_touching_the_run_folder(tmp_path, capsys):
     from wallaroo_nodes.train.recipe import main
     with pytest.raises(SystemExit):
         main(["--out", str(tmp_path / "run"), "--ground-readout"])
     assert "pass --ground too" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path / "run"), "--ground-two-objects", "3"])
     assert not (tmp_path / "run").exists()
 
 

@@ -31,11 +31,13 @@ READOUT_FIELDS: tuple[tuple[str, tuple[str, ...]], ...] = (("position", POSITION
 
 
 class Grounding(NamedTuple):
-    """One answer about one object: which turn, the vision tokens that show the object, its READOUT_FIELDS."""
+    """One answer about one object: which turn, the vision tokens that show the object, its READOUT_FIELDS, and
+    how many objects its scene holds."""
 
     turn: int
     mask: torch.Tensor                    # (vision tokens,) bool
     fields: tuple[int, ...]               # the object's index in each READOUT_FIELDS value list
+    scene_objects: int
 
 
 def readout_fields(obj: Obj) -> tuple[int, ...]:
@@ -124,7 +126,7 @@ def make_example(task: str, rng: random.Random, tok: TextTokenizer, cfg: Wallaro
             ids += turn + reply
             targets += [False] * len(turn) + [True] * len(reply)
         merge = cfg.vision.spatial_merge_size
-        grounds = [Grounding(turn, object_token_mask(scene, obj, grid, merge), readout_fields(obj))
+        grounds = [Grounding(turn, object_token_mask(scene, obj, grid, merge), readout_fields(obj), len(scene.objects))
                    for turn, obj in named] if ground else []
         return Example(task, prompt, answer_ids=ids, answer_is_target=targets, source_image=image, vision_grid=grid,
                        vision_patches=patches, ground=grounds)
@@ -176,6 +178,7 @@ class Batch:
     ground_key_index: torch.Tensor | None = None     # (Q, vision tokens)
     ground_target: torch.Tensor | None = None        # (Q, vision tokens) bool
     ground_fields: torch.Tensor | None = None        # (Q, len(READOUT_FIELDS)) the named object's value indices
+    ground_scene_objects: torch.Tensor | None = None  # (Q,) objects in the answer's scene
 
 
 def collate(examples: list[Example], cfg: WallarooConfig) -> Batch:
@@ -186,7 +189,7 @@ def collate(examples: list[Example], cfg: WallarooConfig) -> Batch:
     eol, pad_code = cfg.token_id("<|end_of_line>|"), cfg.token_id("<|generate_image_pad|>")
     rows_ids, rows_pos = [], []
     vision_idx, pixel_idx, code_in, code_tgt, text_tgt, text_y = [], [], [], [], [], []
-    ground_q, ground_k, ground_t, ground_f = [], [], [], []
+    ground_q, ground_k, ground_t, ground_f, ground_n = [], [], [], [], []
     seqs = []
     for e in examples:
         ids = list(e.prompt.ids)
@@ -215,13 +218,14 @@ def collate(examples: list[Example], cfg: WallarooConfig) -> Batch:
             targets = e.answer_is_target or [True] * len(cont)
             # Turn k's answer starts at the k-th run of target ids; the position before it predicts it.
             starts = [j for j, t in enumerate(targets) if t and (j == 0 or not targets[j - 1])]
-            for turn, mask, fields in e.ground:
+            for turn, mask, fields, scene_objects in e.ground:
                 if len(mask) != len(e.prompt.vision_slots):
                     raise ValueError(f"grounding mask has {len(mask)} tokens, the image {len(e.prompt.vision_slots)}")
                 ground_q.append(base + n_prompt + starts[turn] - 1)
                 ground_k.append(e.prompt.vision_slots)
                 ground_t.append(mask)
                 ground_f.append(fields)
+                ground_n.append(scene_objects)
         for j, t in enumerate(cont):
             at = n_prompt + j
             if task == "understand":
@@ -253,4 +257,5 @@ def collate(examples: list[Example], cfg: WallarooConfig) -> Batch:
         text_target_index=idx(text_tgt), text_targets=idx(text_y),
         ground_query_index=idx(ground_q), ground_key_index=idx(ground_k),
         ground_target=torch.stack(ground_t) if ground_t else None,
-        ground_fields=torch.tensor(ground_f, dtype=torch.long) if ground_f else None)
+        ground_fields=torch.tensor(ground_f, dtype=torch.long) if ground_f else None,
+        ground_scene_objects=idx(ground_n))

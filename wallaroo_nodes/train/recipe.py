@@ -82,6 +82,10 @@ class Stage:
     # values must carry them. Grounded from stage 0 the head fetched the object's colour but not its place
     # (docs/tiny_model_runs.md, stage-0 probes). The probes are dropped at export. 0: off; needs ground_weight.
     ground_readout_weight: float = 0.0
+    # How many times an answer about one of two objects counts in the grounding loss and read-out, against one for
+    # a one-object scene: those are where the head must tell the named object from the other (stage-0 probes,
+    # docs/tiny_model_runs.md); grounding only them did not learn at all.
+    ground_two_object_weight: float = 1.0
     # Added to the run's --seed for this stage's data: the bundle's stages 2-4 drew their examples from the
     # next seed after stages 0-1 (twentieth run, docs/tiny_model_runs.md), so one command draws that data order.
     seed_offset: int = 0
@@ -118,11 +122,13 @@ def default_stages(scale: float = 1.0) -> list[Stage]:
     ]
 
 
-def with_grounding(stages: list[Stage], weight: float = 1.0, readout_weight: float = 0.0) -> list[Stage]:
-    """The stages with the grounding loss at `weight` (and its read-out at `readout_weight`) wherever they train
-    understanding (`--ground`, `--ground-readout`)."""
-    return [replace(s, ground_weight=weight, ground_readout_weight=readout_weight) if "understand" in s.tasks else s
-            for s in stages]
+def with_grounding(stages: list[Stage], weight: float = 1.0, readout_weight: float = 0.0,
+                   two_object_weight: float = 1.0) -> list[Stage]:
+    """The stages with the grounding loss at `weight` (its read-out at `readout_weight`, answers about one of two
+    objects counted `two_object_weight` times) wherever they train understanding (`--ground`, `--ground-readout`,
+    `--ground-two-objects`)."""
+    return [replace(s, ground_weight=weight, ground_readout_weight=readout_weight,
+                    ground_two_object_weight=two_object_weight) if "understand" in s.tasks else s for s in stages]
 
 
 def tiny_model_config(tokens: dict[str, int], vocab_size: int, mrope_interleaved: bool = False) -> WallarooConfig:
@@ -199,7 +205,8 @@ def object_start_cells(codes: torch.Tensor) -> torch.Tensor:
 
 
 def grounding_loss(q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor, model: WallarooModel, head: int,
-                   query_index: torch.Tensor, key_index: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+                   query_index: torch.Tensor, key_index: torch.Tensor, target: torch.Tensor,
+                   weights: torch.Tensor | None = None) -> torch.Tensor:
     """-log of the attention one head gives the named object's vision tokens, from the position that predicts
     the answer, averaged over answers.
 
@@ -222,14 +229,20 @@ def grounding_loss(q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor,
     causal = torch.arange(length, device=q.device)[None] <= (query_index % length)[:, None]
     log_all = scores.masked_fill(~causal, float("-inf")).logsumexp(-1)
     on_object = scores.gather(1, key_index).masked_fill(~target, float("-inf")).logsumexp(-1)
-    return (log_all - on_object).mean()
+    return weighted_mean(log_all - on_object, weights)
+
+
+def weighted_mean(values: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """Mean of `values`, each counted `weights` times (None: plain mean)."""
+    return values.mean() if weights is None else (weights * values).sum() / weights.sum()
 
 
 class TrainingModel(nn.Module):
     """Wraps WallarooModel so one forward returns the summed text + image losses (DDP needs a forward)."""
 
     def __init__(self, model: WallarooModel, first_cell_weight: float = 1.0, edit_start_cells: str = "none",
-                 ground_weight: float = 0.0, ground_head: tuple[int, int] = (2, 0), ground_readout_weight: float = 0.0):
+                 ground_weight: float = 0.0, ground_head: tuple[int, int] = (2, 0), ground_readout_weight: float = 0.0,
+                 ground_two_object_weight: float = 1.0):
         super().__init__()
         if ground_readout_weight > 0 and ground_weight <= 0:
             raise ValueError("ground_readout_weight reads the grounded head, so it needs ground_weight > 0")
@@ -245,6 +258,7 @@ class TrainingModel(nn.Module):
         self.ground_weight = ground_weight
         self.ground_head = ground_head
         self.ground_readout_weight = ground_readout_weight
+        self.ground_two_object_weight = ground_two_object_weight
         # Training-only probes (not in the model, so not exported); their state rides in the stage checkpoint.
         self.readout = nn.ModuleList(nn.Linear(model.cfg.llm.head_dim, len(values)) for _, values in READOUT_FIELDS) \
             if ground_readout_weight > 0 else None
@@ -299,13 +313,14 @@ class TrainingModel(nn.Module):
         loss = hidden.new_zeros(())
         parts: dict[str, float] = {}
         if grounding:
+            answer_weights = self.grounded_answer_weights(batch)
             ground_loss = grounding_loss(captured["q"], captured["k"], batch.position_ids.to(dev), m,
                                          self.ground_head[1], batch.ground_query_index.to(dev),
-                                         batch.ground_key_index.to(dev), batch.ground_target.to(dev))
+                                         batch.ground_key_index.to(dev), batch.ground_target.to(dev), answer_weights)
             loss = loss + self.ground_weight * ground_loss
             parts["ground"] = ground_loss.item()
             if self.readout is not None:
-                readout_loss = self.grounded_readout_loss(captured["heads"], batch)
+                readout_loss = self.grounded_readout_loss(captured["heads"], batch, answer_weights)
                 loss = loss + self.ground_readout_weight * readout_loss
                 parts["readout"] = readout_loss.item()
         if batch.text_target_index is not None:
@@ -324,7 +339,15 @@ class TrainingModel(nn.Module):
             parts["image"] = image_loss.item()
         return loss, parts
 
-    def grounded_readout_loss(self, heads: torch.Tensor, batch: Batch) -> torch.Tensor:
+    def grounded_answer_weights(self, batch: Batch) -> torch.Tensor | None:
+        """Per grounded answer, how many times it counts (ground_two_object_weight for two-object scenes)."""
+        if self.ground_two_object_weight == 1.0:
+            return None
+        two = batch.ground_scene_objects.to(self.model.device) > 1
+        return torch.where(two, self.ground_two_object_weight, 1.0)
+
+    def grounded_readout_loss(self, heads: torch.Tensor, batch: Batch,
+                              weights: torch.Tensor | None = None) -> torch.Tensor:
         """Cross-entropy of the read-out probes on the grounded head's output at each answer start, summed over
         READOUT_FIELDS."""
         c = self.model.cfg.llm
@@ -332,7 +355,8 @@ class TrainingModel(nn.Module):
         at = heads.reshape(-1, heads.shape[-1])[batch.ground_query_index.to(heads.device)]
         out = at[:, head * c.head_dim:(head + 1) * c.head_dim].float()
         fields = batch.ground_fields.to(heads.device)
-        return sum(F.cross_entropy(probe(out), fields[:, i]) for i, probe in enumerate(self.readout))
+        return sum(weighted_mean(F.cross_entropy(probe(out), fields[:, i], reduction="none"), weights)
+                   for i, probe in enumerate(self.readout))
 
 
 def training_precision(device: torch.device) -> torch.dtype:
@@ -518,7 +542,8 @@ def run_stage(index: int, stage: Stage, model: WallarooModel, tok: TextTokenizer
         return
     params = trainable_parameters(model, stage.trainable)
     training_model = TrainingModel(model, stage.first_cell_weight, stage.edit_start_cells, stage.ground_weight,
-                                   stage.ground_head, stage.ground_readout_weight).to(device)
+                                   stage.ground_head, stage.ground_readout_weight,
+                                   stage.ground_two_object_weight).to(device)
     probes = training_model.readout
     if probes is not None:
         params = params + list(probes.parameters())
@@ -622,7 +647,7 @@ def build_or_resume(out: Path, seed: int, device: torch.device, rank: int,
 RUN_OPTIONS_FILE = "options.json"
 
 
-def check_run_options(out: Path, options: dict[str, bool]) -> None:
+def check_run_options(out: Path, options: dict[str, bool | float]) -> None:
     """Record a run's architecture and pretraining options in its folder, or stop a resume that changes them.
 
     A stage resumed with another M-RoPE layout or tower read-out would train on weights made for the other,
@@ -634,7 +659,8 @@ def check_run_options(out: Path, options: dict[str, bool]) -> None:
         return
     recorded = json.loads(path.read_text())
     if any(recorded.get(k, False) != v for k, v in options.items()):
-        flags = " ".join("--" + k.replace("_", "-") for k, v in sorted(recorded.items()) if v) or "no option flags"
+        flags = " ".join("--" + k.replace("_", "-") + ("" if v is True else f" {v}")
+                         for k, v in sorted(recorded.items()) if v) or "no option flags"
         raise SystemExit(f"{out} was started with {flags} ({path}); resume it with the same options, or start "
                          f"a new --out folder")
 
@@ -761,14 +787,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ground-readout", action="store_true",
                         help="with --ground, probes must read the named object's place and looks from the grounded "
                              "head (forty-second run)")
+    parser.add_argument("--ground-two-objects", type=float, default=1.0, metavar="W",
+                        help="with --ground, answers about one of two objects count W times in the grounding loss "
+                             "and read-out (forty-third run: 3)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
     parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                         help="autocast dtype of the stages (auto: bf16 where the hardware has native bf16)")
     parser.add_argument("--batch-size", type=int, default=0, help="override every stage's batch size (0 = recipe's)")
     args = parser.parse_args(argv)
-    if args.ground_readout and not args.ground:  # before the run folder records options it cannot train
-        parser.error("--ground-readout reads the grounded head: pass --ground too")
+    if (args.ground_readout or args.ground_two_objects != 1.0) and not args.ground:
+        # before the run folder records options it cannot train
+        parser.error("--ground-readout and --ground-two-objects change the grounding loss: pass --ground too")
     if args.threads:
         torch.set_num_threads(args.threads)
     rank, world = _dist()
@@ -781,11 +811,15 @@ def main(argv: list[str] | None = None) -> int:
                     "device": str(device)}))
     if rank == 0:
         check_run_options(args.out, {"vision_find": args.vision_find, "mrope_interleaved": args.mrope_interleaved,
-                                     "ground": args.ground, "ground_readout": args.ground_readout})
+                                     "ground": args.ground, "ground_readout": args.ground_readout,
+                                     # recorded only when set, so folders from before the option resume
+                                     "ground_two_objects": args.ground_two_objects if args.ground_two_objects != 1.0
+                                     else False})
     model, tok = build_or_resume(args.out, args.seed, device, rank, mrope_interleaved=args.mrope_interleaved)
     stages = [replace(s, batch_size=args.batch_size) if args.batch_size else s for s in default_stages(args.scale)]
     if args.ground:
-        stages = with_grounding(stages, readout_weight=1.0 if args.ground_readout else 0.0)
+        stages = with_grounding(stages, readout_weight=1.0 if args.ground_readout else 0.0,
+                                two_object_weight=args.ground_two_objects)
     vq_run = (model.cfg.vq, args.vq_steps, args.out, args.seed)
     vq_kw = {"batch_size": args.vq_batch_size, "warm_steps": args.vq_warm_steps}
     threads = torch.get_num_threads()
