@@ -786,7 +786,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="the grounding loss in every stage with understanding, from stage 0 on (forty-first run)")
     parser.add_argument("--ground-readout", action="store_true",
                         help="with --ground, probes must read the named object's place and looks from the grounded "
-                             "head (forty-second run)")
+                             "head (forty-second and forty-third runs)")
     parser.add_argument("--ground-two-objects", type=float, default=1.0, metavar="W",
                         help="with --ground, answers about one of two objects count W times in the grounding loss "
                              "and read-out (forty-third run: 3)")
