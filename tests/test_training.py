@@ -601,14 +601,17 @@ def test_ground_option_weighs_every_stage_that_trains_understanding_and_no_other
     assert grounded[0].ground_weight == 1.0 and grounded[1].ground_weight == 0.0  # stage 1 only generates
 
 
+def grounded_examples(tok: TextTokenizer, cfg, canvas: tuple[int, int], n: int) -> list:
+    """Understanding examples from seeds 0..n-1 that record their grounding (three answers each)."""
+    return [make_example("understand", random.Random(s), tok, cfg, [canvas], qa_turns=3, ground=True) for s in range(n)]
+
 def test_two_object_answers_count_as_often_as_their_weight_in_grounding_and_readout(setup):
     """ground_two_object_weight 3 gives the losses a batch gives with each two-object answer's grounding thrice."""
     from dataclasses import replace as copy_with
     tok, cfg = setup
     torch.manual_seed(0)
     model = WallarooModel(cfg).eval()
-    examples = [make_example("understand", random.Random(s), tok, cfg, [(64, 64)], qa_turns=3, ground=True)
-                for s in range(8)]
+    examples = grounded_examples(tok, cfg, (64, 64), 8)
     assert {g.scene_objects for e in examples for g in e.ground} == {1, 2}
     tripled = [copy_with(e, ground=[g for g in e.ground for _ in range(3 if g.scene_objects > 1 else 1)])
                for e in examples]
@@ -663,8 +666,7 @@ def test_grounding_readout_reads_the_grounded_heads_output_learns_it_and_resumes
     tok, cfg = setup
     torch.manual_seed(0)
     model = WallarooModel(cfg).train()
-    examples = [make_example("understand", random.Random(s), tok, cfg, [(64, 64)], qa_turns=3, ground=True)
-                for s in range(6)]
+    examples = grounded_examples(tok, cfg, (64, 64), 6)
     batch = collate(examples, cfg)
     assert batch.ground_fields.shape == (len(batch.ground_query_index), 4)
     layer, head = 1, 2
@@ -716,8 +718,7 @@ def test_grounding_loss_is_minus_log_the_heads_attention_on_the_object(setup, mo
     tok, cfg = setup
     torch.manual_seed(0)
     model = WallarooModel(cfg).train()
-    examples = [make_example("understand", random.Random(s), tok, cfg, [(48, 80)], qa_turns=3, ground=True)
-                for s in range(4)]
+    examples = grounded_examples(tok, cfg, (48, 80), 4)
     batch = collate(examples, cfg)
     assert batch.ground_query_index is not None and len(batch.ground_query_index) >= 3
     layer, head = 1, 3
