@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import random
 import re
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -373,3 +374,25 @@ def test_question_answer_about_names_the_object_its_answer_is_about():
         else:  # "where are the two red circles": two objects alike but for their places
             assert kind == "position" and len(scene.objects) == 2
     assert named > 100
+
+
+def test_edit_instruction_about_names_the_source_object_it_changes():
+    from wallaroo_nodes.shapes import edit_instruction_about
+    kinds_named = Counter()
+    for seed in range(300):
+        scene = scene_from_seed(seed)
+        kinds = edit_kinds(scene)
+        kind = kinds[seed % len(kinds)]
+        lang = LANGS[seed % 2]
+        instruction, target = edit_instruction(scene, lang, random.Random(seed), kind)
+        instruction2, target2, obj = edit_instruction_about(scene, lang, random.Random(seed), kind)
+        assert (instruction, target) == (instruction2, target2)  # the same draws
+        if kind in ("add", "background"):
+            assert obj is None
+            continue
+        kinds_named[kind] += 1
+        assert obj in scene.objects
+        # the named object is the one the edit changes: it is gone from the target, the others stay
+        assert obj not in target.objects
+        assert [o for o in scene.objects if o != obj] == [o for o in target.objects if o in scene.objects]
+    assert set(kinds_named) == {"remove", "recolour", "reshape", "move"}, kinds_named

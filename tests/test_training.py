@@ -6,6 +6,7 @@ import random
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -605,6 +606,7 @@ def grounded_examples(tok: TextTokenizer, cfg, canvas: tuple[int, int], n: int) 
     """Understanding examples from seeds 0..n-1 that record their grounding (three answers each)."""
     return [make_example("understand", random.Random(s), tok, cfg, [canvas], qa_turns=3, ground=True) for s in range(n)]
 
+
 def test_two_object_answers_count_as_often_as_their_weight_in_grounding_and_readout(setup):
     """ground_two_object_weight 3 gives the losses a batch gives with each two-object answer's grounding thrice."""
     from dataclasses import replace as copy_with
@@ -656,6 +658,69 @@ def test_grounding_marks_the_named_objects_tokens_and_keeps_the_draws(setup):
         assert all(g.mask.shape == (len(grounded.prompt.vision_slots),) and g.mask.any() for g in grounded.ground)
     from wallaroo_nodes.train.data import READOUT_FIELDS, readout_fields
     assert [values[i] for (_, values), i in zip(READOUT_FIELDS, readout_fields(left))] == ["left", "circle", "red", "large"]
+
+
+def test_grounded_edits_look_at_the_named_object_from_every_code_and_keep_the_draws(setup):
+    """--ground-edits: an edit naming an object of the source grounds each position that predicts a code on that
+    object's vision tokens; the examples are the ones drawn without it."""
+    from wallaroo_nodes.shapes import LANGS, random_scene
+    from wallaroo_nodes.train.data import object_token_mask, readout_fields
+    tok, cfg = setup
+    grounded_edits, kinds = [], set()
+    for seed in range(24):
+        kw = {"edit_kind_weights": {"add": 0.5}} if seed % 2 else {}
+        plain = make_example("edit", random.Random(seed), tok, cfg, [(64, 64)], uncond_prob=0.2, **kw)
+        edit = make_example("edit", random.Random(seed), tok, cfg, [(64, 64)], uncond_prob=0.2, ground_edits=True,
+                            **kw)
+        assert plain.prompt.ids == edit.prompt.ids and not plain.ground
+        assert (np.asarray(plain.target_image) == np.asarray(edit.target_image)).all()
+        # Replay the example's draws (canvas, language, scene, instruction) to learn which object it names.
+        rng = random.Random(seed)
+        rng.choice([(64, 64)])
+        rng.choice(LANGS)
+        scene = random_scene(rng, canvas=(64, 64))
+        if not edit.ground:  # adds, backgrounds and dropped prompts name no object
+            continue
+        (g,) = edit.ground
+        named = [o for o in scene.objects if readout_fields(o) == g.fields]
+        assert len(named) == 1 and g.scene_objects == len(scene.objects)
+        expected = object_token_mask(scene, named[0], edit.vision_grid, cfg.vision.spatial_merge_size)
+        assert torch.equal(g.mask, expected) and g.mask.any()
+        grounded_edits.append(edit)
+    assert len(grounded_edits) >= 8
+    assert {g.scene_objects for e in grounded_edits for g in e.ground} == {1, 2}
+    batch = collate(grounded_edits, cfg)
+    # Every code of every grounded edit is a query, in the order of the code targets.
+    assert torch.equal(batch.ground_query_index, batch.code_target_index)
+    assert batch.ground_key_index.shape == (len(batch.code_target_index), len(grounded_edits[0].prompt.vision_slots))
+    length = batch.ids.shape[1]
+    rows = batch.ground_query_index // length
+    for b, e in enumerate(grounded_edits):
+        assert (batch.ground_target[rows == b] == e.ground[0].mask).all()
+        assert (batch.ground_key_index[rows == b] == torch.tensor(e.prompt.vision_slots)).all()  # within the row
+    torch.manual_seed(0)
+    model = WallarooModel(cfg).eval()
+    with torch.no_grad():
+        _, parts = TrainingModel(model, ground_weight=1.0, ground_readout_weight=1.0)(batch)
+    assert parts["ground"] > 0 and parts["readout"] > 0 and parts["image"] > 0
+    mixed = collate(grounded_edits[:2] + [make_example("edit", random.Random(5), tok, cfg, [(64, 64)], uncond_prob=1.0,
+                                                       ground_edits=True)], cfg)
+    assert len(mixed.ground_query_index) < len(mixed.code_target_index)  # a dropped prompt is not grounded
+
+
+def test_ground_edits_option_grounds_the_stages_that_edit(tmp_path, capsys):
+    from wallaroo_nodes.train.recipe import default_stages, main, with_grounding
+    stages = with_grounding(default_stages(), edits=True)
+    assert [s.ground_edits for s in stages] == ["edit" in s.tasks for s in stages]
+    assert all(s.ground_weight > 0 for s in stages if s.ground_edits)
+    assert not any(s.ground_edits for s in with_grounding(default_stages()))
+    with pytest.raises(ValueError, match="needs ground_weight"):
+        run_stage(4, Stage("4", 2, 1e-3, {"edit": 1.0}, [(64, 64)], ground_edits=True), None, None, tmp_path, 0,
+                  torch.device("cpu"), 0, 1)
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path / "run"), "--ground-edits"])
+    assert "pass --ground too" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
 
 
 def test_grounding_readout_reads_the_grounded_heads_output_learns_it_and_resumes_unexported(setup, tmp_path,

@@ -223,6 +223,14 @@ def edit_kinds(scene: Scene) -> tuple[str, ...]:
 
 def edit_instruction(scene: Scene, lang: str, rng: random.Random, kind: str | None = None) -> tuple[str, Scene]:
     """An (instruction, target scene) pair; the target differs from `scene` only as instructed."""
+    instruction, target, _ = edit_instruction_about(scene, lang, rng, kind)
+    return instruction, target
+
+
+def edit_instruction_about(scene: Scene, lang: str, rng: random.Random,
+                           kind: str | None = None) -> tuple[str, Scene, Obj | None]:
+    """`edit_instruction`'s pair (same draws) and the source object the instruction names (None: it names none,
+    as adding an object or changing the background)."""
     _check_lang(lang)
     allowed = edit_kinds(scene)
     kind = kind if kind is not None else rng.choice(allowed)
@@ -234,7 +242,7 @@ def edit_instruction(scene: Scene, lang: str, rng: random.Random, kind: str | No
         new_bg = rng.choice([c for c in BACKGROUND_COLOURS if c not in used and c != scene.background])
         word = _w(lang, new_bg)
         text = rng.choice(templates[kind]).format(new=word, a_new=f"{_a(word)} {word}")
-        return text, Scene(scene.canvas, new_bg, scene.objects)
+        return text, Scene(scene.canvas, new_bg, scene.objects), None
     if kind == "add":
         pos = rng.choice(scene.free_positions())
         new = random_object(rng, pos, background=scene.background)
@@ -243,7 +251,7 @@ def edit_instruction(scene: Scene, lang: str, rng: random.Random, kind: str | No
         else:
             text = rng.choice(templates[kind]).format(place=rng.choice(_PLACE["zh"][pos]),
                                                       obj=object_phrase(new, lang, rng, place=False))
-        return text[0].upper() + text[1:], scene.add_object(new)
+        return text[0].upper() + text[1:], scene.add_object(new), None
     obj = rng.choice(scene.objects)
     ref = reference(scene, obj, lang, rng)  # position always makes a unique reference
     if kind == "remove":
@@ -259,7 +267,7 @@ def edit_instruction(scene: Scene, lang: str, rng: random.Random, kind: str | No
         target = scene.replace_object(obj, Obj(obj.shape, obj.colour, obj.size, pos))
         new_word = rng.choice(_MOVE_TO[lang][pos])
     text = rng.choice(templates[kind]).format(ref=ref, new=new_word)
-    return text[0].upper() + text[1:], target
+    return text[0].upper() + text[1:], target, obj
 
 
 def vocabulary(lang: str) -> list[str]:

@@ -20,7 +20,7 @@ from ..engine.config import WallarooConfig
 from ..engine.protocol import Prompt, build_edit, build_generate, build_understand, follow_up_ids
 from ..engine.text import TextTokenizer
 from ..shapes import (EDIT_KINDS, LANGS, OBJECT_COLOURS, PALETTE, POSITIONS, QA_KINDS, SHAPES, SIZES, Obj, Scene,
-                      caption, edit_instruction, edit_kinds, question_answer_about, random_scene, render)
+                      caption, edit_instruction_about, edit_kinds, question_answer_about, random_scene, render)
 from ..shapes.world import render_array
 
 TASKS = ("understand", "generate", "edit")
@@ -31,8 +31,8 @@ READOUT_FIELDS: tuple[tuple[str, tuple[str, ...]], ...] = (("position", POSITION
 
 
 class Grounding(NamedTuple):
-    """One answer about one object: which turn, the vision tokens that show the object, its READOUT_FIELDS, and
-    how many objects its scene holds."""
+    """One answer or edit about one object: which answer turn (0 for an edit), the vision tokens that show the
+    object, its READOUT_FIELDS, and how many objects its scene holds."""
 
     turn: int
     mask: torch.Tensor                    # (vision tokens,) bool
@@ -80,7 +80,8 @@ def object_token_mask(scene: Scene, obj: Obj, grid: tuple[int, int, int], merge:
 def make_example(task: str, rng: random.Random, tok: TextTokenizer, cfg: WallarooConfig,
                  canvases: list[tuple[int, int]], uncond_prob: float = 0.1, qa_turns: int = 1,
                  n_objects: int | None = None, qa_kind_weights: dict[str, float] | None = None,
-                 edit_kind_weights: dict[str, float] | None = None, ground: bool = False) -> Example:
+                 edit_kind_weights: dict[str, float] | None = None, ground: bool = False,
+                 ground_edits: bool = False) -> Example:
     """A random example of a task on one of the given canvases; prompts are dropped for CFG with uncond_prob.
 
     `n_objects` fixes the scene's object count (1 or 2); None draws it.
@@ -88,7 +89,8 @@ def make_example(task: str, rng: random.Random, tok: TextTokenizer, cfg: Wallaro
     draws them uniformly.
     Understanding examples ask `qa_turns` questions about the image in one chat: every answer is a training
     target for the price of one pass through the vision tower. With `ground`, each answer about one object
-    also records the vision tokens that show it (`Example.ground`); the draws are the same either way.
+    also records the vision tokens that show it (`Example.ground`); with `ground_edits` so does each edit
+    instruction that names an object of the source. The draws are the same either way.
     """
     for name, weights, kinds in (("qa_kind_weights", qa_kind_weights, QA_KINDS),
                                  ("edit_kind_weights", edit_kind_weights, EDIT_KINDS)):
@@ -135,21 +137,22 @@ def make_example(task: str, rng: random.Random, tok: TextTokenizer, cfg: Wallaro
         prompt = build_generate(tok, cfg, text, canvas, lang=lang)
         return Example(task, prompt, target_image=render(scene))
     if task == "edit":
-        if edit_kind_weights is None:  # the uniform draw earlier runs' data orders were made with
-            instruction, target = edit_instruction(scene, lang, rng)
-        else:
-            kind = _weighted_kind(rng, edit_kinds(scene), edit_kind_weights)
-            instruction, target = edit_instruction(scene, lang, rng, kind=kind)
+        # kind None: the uniform draw earlier runs' data orders were made with
+        kind = None if edit_kind_weights is None else _weighted_kind(rng, edit_kinds(scene), edit_kind_weights)
+        instruction, target, named_obj = edit_instruction_about(scene, lang, rng, kind=kind)
         source = render(scene)
         if rng.random() < uncond_prob:
+            named_obj = None
             if cfg.protocol.edit_uncond_keeps_source:
                 instruction, target = "", scene  # nothing asked, nothing changed
             else:
                 instruction, source = "", Image.new("RGB", source.size, (0, 0, 0))
         patches, grid = images.vision_inputs(source, cfg.vision, cfg.vision.edit_min_pixels, cfg.vision.edit_max_pixels)
         prompt = build_edit(tok, cfg, instruction, canvas, grid, lang=lang)
+        grounds = [Grounding(0, object_token_mask(scene, named_obj, grid, cfg.vision.spatial_merge_size),
+                             readout_fields(named_obj), len(scene.objects))] if ground_edits and named_obj else []
         return Example(task, prompt, target_image=render(target), source_image=source, vision_grid=grid,
-                       vision_patches=patches, pixel_source=images.vq_input(source, canvas))
+                       vision_patches=patches, pixel_source=images.vq_input(source, canvas), ground=grounds)
     raise ValueError(f"unknown task {task!r}")
 
 
@@ -171,9 +174,9 @@ class Batch:
     code_target_index: torch.Tensor | None  # flat indices whose hidden state predicts a code
     text_target_index: torch.Tensor | None  # flat indices whose hidden state predicts a text token
     text_targets: torch.Tensor | None
-    # Grounding (understand, examples made with `ground`): per answer about one object, the flat index of the
-    # position that predicts its first token, its row's vision slots (positions in the row) and which of them
-    # show the object.
+    # Grounding (examples made with `ground` or `ground_edits`): per answer about one object, the flat index of
+    # the position that predicts its first token, its row's vision slots (positions in the row) and which of them
+    # show the object; per edit that names an object, the same for every position that predicts a code.
     ground_query_index: torch.Tensor | None = None   # (Q,)
     ground_key_index: torch.Tensor | None = None     # (Q, vision tokens)
     ground_target: torch.Tensor | None = None        # (Q, vision tokens) bool
@@ -214,7 +217,7 @@ def collate(examples: list[Example], cfg: WallarooConfig) -> Batch:
         rows_pos.append(pos)
         vision_idx += [base + s for s in e.prompt.vision_slots]
         pixel_idx += [base + s for s in e.prompt.pixel_slots]
-        if e.ground:
+        if e.ground and task == "understand":
             targets = e.answer_is_target or [True] * len(cont)
             # Turn k's answer starts at the k-th run of target ids; the position before it predicts it.
             starts = [j for j, t in enumerate(targets) if t and (j == 0 or not targets[j - 1])]
@@ -235,6 +238,13 @@ def collate(examples: list[Example], cfg: WallarooConfig) -> Batch:
             elif t == pad_code:
                 code_in.append(base + at)
                 code_tgt.append(base + at - 1)
+                # The edited image is made cell by cell, and every cell must know which object the edit is about.
+                for mask, fields, scene_objects in ((g.mask, g.fields, g.scene_objects) for g in e.ground):
+                    ground_q.append(base + at - 1)
+                    ground_k.append(e.prompt.vision_slots)
+                    ground_t.append(mask)
+                    ground_f.append(fields)
+                    ground_n.append(scene_objects)
     ids = torch.tensor(rows_ids, dtype=torch.long)
     valid = torch.zeros_like(ids, dtype=torch.bool)
     for b, (a, c) in enumerate(seqs):

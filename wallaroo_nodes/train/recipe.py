@@ -86,6 +86,10 @@ class Stage:
     # a one-object scene: those are where the head must tell the named object from the other (stage-0 probes,
     # docs/tiny_model_runs.md); grounding only them did not learn at all.
     ground_two_object_weight: float = 1.0
+    # Whether edits that name an object of the source are grounded too: from every position that predicts a code
+    # of the edited image, the head looks at that object's vision tokens. Two-object edits missed the named object
+    # most (move 0.41, recolour 0.32 of the thirty-fourth run's edits, docs/tiny_model_runs.md). Needs ground_weight.
+    ground_edits: bool = False
     # Added to the run's --seed for this stage's data: the bundle's stages 2-4 drew their examples from the
     # next seed after stages 0-1 (twentieth run, docs/tiny_model_runs.md), so one command draws that data order.
     seed_offset: int = 0
@@ -123,12 +127,15 @@ def default_stages(scale: float = 1.0) -> list[Stage]:
 
 
 def with_grounding(stages: list[Stage], weight: float = 1.0, readout_weight: float = 0.0,
-                   two_object_weight: float = 1.0) -> list[Stage]:
+                   two_object_weight: float = 1.0, edits: bool = False) -> list[Stage]:
     """The stages with the grounding loss at `weight` (its read-out at `readout_weight`, answers about one of two
-    objects counted `two_object_weight` times) wherever they train understanding (`--ground`, `--ground-readout`,
-    `--ground-two-objects`)."""
+    objects counted `two_object_weight` times) wherever they train understanding, and with `edits` editing too
+    (`--ground`, `--ground-readout`, `--ground-two-objects`, `--ground-edits`)."""
+    def grounded(s: Stage) -> bool:
+        return "understand" in s.tasks or (edits and "edit" in s.tasks)
     return [replace(s, ground_weight=weight, ground_readout_weight=readout_weight,
-                    ground_two_object_weight=two_object_weight) if "understand" in s.tasks else s for s in stages]
+                    ground_two_object_weight=two_object_weight, ground_edits=edits and "edit" in s.tasks)
+            if grounded(s) else s for s in stages]
 
 
 def tiny_model_config(tokens: dict[str, int], vocab_size: int, mrope_interleaved: bool = False) -> WallarooConfig:
@@ -540,6 +547,9 @@ def run_stage(index: int, stage: Stage, model: WallarooModel, tok: TextTokenizer
     done_marker = out / f"stage{index}.done"
     if done_marker.exists():
         return
+    if stage.ground_edits and stage.ground_weight <= 0:
+        raise ValueError(f"stage {stage.name}: ground_edits adds edits to the grounding loss, so it needs "
+                         f"ground_weight > 0")
     params = trainable_parameters(model, stage.trainable)
     training_model = TrainingModel(model, stage.first_cell_weight, stage.edit_start_cells, stage.ground_weight,
                                    stage.ground_head, stage.ground_readout_weight,
@@ -583,7 +593,7 @@ def run_stage(index: int, stage: Stage, model: WallarooModel, tok: TextTokenizer
         per_rank = max(1, stage.batch_size // world)
         batch = collate([make_example(task, rng, tok, model.cfg, [canvas], qa_turns=stage.qa_turns,
                                       qa_kind_weights=stage.qa_kind_weights, edit_kind_weights=stage.edit_kind_weights,
-                                      ground=stage.ground_weight > 0,
+                                      ground=stage.ground_weight > 0, ground_edits=stage.ground_edits,
                                       n_objects=rng.choice(stage.gen_objects) if task == "generate" else None)
                          for _ in range(per_rank)], model.cfg)
         for g in opt.param_groups:
@@ -790,15 +800,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ground-two-objects", type=float, default=1.0, metavar="W",
                         help="with --ground, answers about one of two objects count W times in the grounding loss "
                              "and read-out (forty-third run: 3)")
+    parser.add_argument("--ground-edits", action="store_true",
+                        help="with --ground, edits that name an object are grounded too, from every code they "
+                             "predict (forty-fourth run)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
     parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                         help="autocast dtype of the stages (auto: bf16 where the hardware has native bf16)")
     parser.add_argument("--batch-size", type=int, default=0, help="override every stage's batch size (0 = recipe's)")
     args = parser.parse_args(argv)
-    if (args.ground_readout or args.ground_two_objects != 1.0) and not args.ground:
+    if (args.ground_readout or args.ground_two_objects != 1.0 or args.ground_edits) and not args.ground:
         # before the run folder records options it cannot train
-        parser.error("--ground-readout and --ground-two-objects change the grounding loss: pass --ground too")
+        parser.error("--ground-readout, --ground-two-objects and --ground-edits change the grounding loss: "
+                     "pass --ground too")
     if args.threads:
         torch.set_num_threads(args.threads)
     rank, world = _dist()
@@ -812,6 +826,7 @@ def main(argv: list[str] | None = None) -> int:
     if rank == 0:
         check_run_options(args.out, {"vision_find": args.vision_find, "mrope_interleaved": args.mrope_interleaved,
                                      "ground": args.ground, "ground_readout": args.ground_readout,
+                                     "ground_edits": args.ground_edits,
                                      # recorded only when set, so folders from before the option resume
                                      "ground_two_objects": args.ground_two_objects if args.ground_two_objects != 1.0
                                      else False})
@@ -819,7 +834,7 @@ def main(argv: list[str] | None = None) -> int:
     stages = [replace(s, batch_size=args.batch_size) if args.batch_size else s for s in default_stages(args.scale)]
     if args.ground:
         stages = with_grounding(stages, readout_weight=1.0 if args.ground_readout else 0.0,
-                                two_object_weight=args.ground_two_objects)
+                                two_object_weight=args.ground_two_objects, edits=args.ground_edits)
     vq_run = (model.cfg.vq, args.vq_steps, args.out, args.seed)
     vq_kw = {"batch_size": args.vq_batch_size, "warm_steps": args.vq_warm_steps}
     threads = torch.get_num_threads()
