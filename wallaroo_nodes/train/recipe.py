@@ -227,12 +227,14 @@ def grounding_loss(q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor,
     inv_freq, axis = model.rope_tables(q.device)
     cos, sin = mrope_cos_sin(position_ids, inv_freq, axis, torch.float32)  # (B, L, D)
     rows = query_index // length
-    # Only the query rows are rotated; the keys of their sequences all are.
+    # Only the query rows are rotated; the keys of every sequence are, once (an edit has a query per code).
     qh = q.view(b * length, c.num_heads, c.head_dim)[query_index, head].float()
     qh = apply_rotary(qh[None, None], cos.flatten(0, 1)[query_index][None], sin.flatten(0, 1)[query_index][None])
-    kh = k.view(b, length, c.num_kv_heads, c.head_dim)[rows, :, kv_head].float()  # (Q, L, D)
-    kh = apply_rotary(kh[:, None], cos[rows], sin[rows])[:, 0]
-    scores = (qh[0, 0, :, None] * kh).sum(-1) / c.head_dim ** 0.5  # (Q, L)
+    kh = k.view(b, length, c.num_kv_heads, c.head_dim)[:, :, kv_head].float()  # (B, L, D)
+    kh = apply_rotary(kh[:, None], cos, sin)[:, 0]
+    # Each query against every sequence's keys, then its own sequence's row: one matmul instead of (Q, L, D).
+    scores = (qh[0, 0] @ kh.flatten(0, 1).T).view(-1, b, length)
+    scores = scores[torch.arange(len(query_index), device=q.device), rows] / c.head_dim ** 0.5  # (Q, L)
     causal = torch.arange(length, device=q.device)[None] <= (query_index % length)[:, None]
     log_all = scores.masked_fill(~causal, float("-inf")).logsumexp(-1)
     on_object = scores.gather(1, key_index).masked_fill(~target, float("-inf")).logsumexp(-1)
