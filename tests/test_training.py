@@ -661,8 +661,8 @@ def test_grounding_marks_the_named_objects_tokens_and_keeps_the_draws(setup):
 
 
 def test_grounded_edits_look_at_the_named_object_from_every_code_and_keep_the_draws(setup):
-    """--ground-edits: an edit naming an object of the source grounds each position that predicts a code on that
-    object's vision tokens; the examples are the ones drawn without it."""
+    """--ground-edits: an edit naming an object of the source grounds the position that predicts its first code on
+    that object's vision tokens; the examples are the ones drawn without it."""
     from wallaroo_nodes.shapes import LANGS, random_scene
     from wallaroo_nodes.train.data import object_token_mask, readout_fields
     tok, cfg = setup
@@ -690,14 +690,14 @@ def test_grounded_edits_look_at_the_named_object_from_every_code_and_keep_the_dr
     assert len(grounded_edits) >= 8
     assert {g.scene_objects for e in grounded_edits for g in e.ground} == {1, 2}
     batch = collate(grounded_edits, cfg)
-    # Every code of every grounded edit is a query, in the order of the code targets.
-    assert torch.equal(batch.ground_query_index, batch.code_target_index)
-    assert batch.ground_key_index.shape == (len(batch.code_target_index), len(grounded_edits[0].prompt.vision_slots))
+    # One query per grounded edit: the last prompt position, which predicts the first code.
     length = batch.ids.shape[1]
-    rows = batch.ground_query_index // length
+    first_codes = [b * length + len(e.prompt.ids) - 1 for b, e in enumerate(grounded_edits)]
+    assert batch.ground_query_index.tolist() == first_codes
+    assert set(first_codes) <= set(batch.code_target_index.tolist())
     for b, e in enumerate(grounded_edits):
-        assert (batch.ground_target[rows == b] == e.ground[0].mask).all()
-        assert (batch.ground_key_index[rows == b] == torch.tensor(e.prompt.vision_slots)).all()  # within the row
+        assert torch.equal(batch.ground_target[b], e.ground[0].mask)
+        assert batch.ground_key_index[b].tolist() == list(e.prompt.vision_slots)  # positions within the row
     torch.manual_seed(0)
     model = WallarooModel(cfg).eval()
     with torch.no_grad():
@@ -705,7 +705,7 @@ def test_grounded_edits_look_at_the_named_object_from_every_code_and_keep_the_dr
     assert parts["ground"] > 0 and parts["readout"] > 0 and parts["image"] > 0
     mixed = collate(grounded_edits[:2] + [make_example("edit", random.Random(5), tok, cfg, [(64, 64)], uncond_prob=1.0,
                                                        ground_edits=True)], cfg)
-    assert len(mixed.ground_query_index) < len(mixed.code_target_index)  # a dropped prompt is not grounded
+    assert len(mixed.ground_query_index) == 2  # a dropped prompt is not grounded
 
 
 def test_ground_edits_option_grounds_the_stages_that_edit(tmp_path, capsys):

@@ -176,7 +176,7 @@ class Batch:
     text_targets: torch.Tensor | None
     # Grounding (examples made with `ground` or `ground_edits`): per answer about one object, the flat index of
     # the position that predicts its first token, its row's vision slots (positions in the row) and which of them
-    # show the object; per edit that names an object, the same for every position that predicts a code.
+    # show the object; per edit that names an object, the same from the position that predicts the first code.
     ground_query_index: torch.Tensor | None = None   # (Q,)
     ground_key_index: torch.Tensor | None = None     # (Q, vision tokens)
     ground_target: torch.Tensor | None = None        # (Q, vision tokens) bool
@@ -217,9 +217,10 @@ def collate(examples: list[Example], cfg: WallarooConfig) -> Batch:
         rows_pos.append(pos)
         vision_idx += [base + s for s in e.prompt.vision_slots]
         pixel_idx += [base + s for s in e.prompt.pixel_slots]
-        if e.ground and task == "understand":
+        if e.ground:
             targets = e.answer_is_target or [True] * len(cont)
-            # Turn k's answer starts at the k-th run of target ids; the position before it predicts it.
+            # Turn k's answer starts at the k-th run of target ids, an edited image at its first code; the
+            # position before it predicts it.
             starts = [j for j, t in enumerate(targets) if t and (j == 0 or not targets[j - 1])]
             for turn, mask, fields, scene_objects in e.ground:
                 if len(mask) != len(e.prompt.vision_slots):
@@ -238,13 +239,6 @@ def collate(examples: list[Example], cfg: WallarooConfig) -> Batch:
             elif t == pad_code:
                 code_in.append(base + at)
                 code_tgt.append(base + at - 1)
-                # The edited image is made cell by cell, and every cell must know which object the edit is about.
-                for mask, fields, scene_objects in ((g.mask, g.fields, g.scene_objects) for g in e.ground):
-                    ground_q.append(base + at - 1)
-                    ground_k.append(e.prompt.vision_slots)
-                    ground_t.append(mask)
-                    ground_f.append(fields)
-                    ground_n.append(scene_objects)
     ids = torch.tensor(rows_ids, dtype=torch.long)
     valid = torch.zeros_like(ids, dtype=torch.bool)
     for b, (a, c) in enumerate(seqs):

@@ -86,9 +86,10 @@ class Stage:
     # a one-object scene: those are where the head must tell the named object from the other (stage-0 probes,
     # docs/tiny_model_runs.md); grounding only them did not learn at all.
     ground_two_object_weight: float = 1.0
-    # Whether edits that name an object of the source are grounded too: from every position that predicts a code
-    # of the edited image, the head looks at that object's vision tokens. Two-object edits missed the named object
-    # most (move 0.41, recolour 0.32 of the thirty-fourth run's edits, docs/tiny_model_runs.md). Needs ground_weight.
+    # Whether edits that name an object of the source are grounded too: from the position that predicts the edited
+    # image's first code, the head looks at that object's vision tokens. Two-object edits missed the named object
+    # most (move 0.41, recolour 0.32 of the thirty-fourth run's edits); grounding every code instead took the head
+    # from the image (forty-fourth run, docs/tiny_model_runs.md). Needs ground_weight.
     ground_edits: bool = False
     # Added to the run's --seed for this stage's data: the bundle's stages 2-4 drew their examples from the
     # next seed after stages 0-1 (twentieth run, docs/tiny_model_runs.md), so one command draws that data order.
@@ -803,8 +804,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="with --ground, answers about one of two objects count W times in the grounding loss "
                              "and read-out (forty-third run: 3)")
     parser.add_argument("--ground-edits", action="store_true",
-                        help="with --ground, edits that name an object are grounded too, from every code they "
-                             "predict (forty-fourth run)")
+                        help="with --ground, edits that name an object are grounded too, from the position that "
+                             "predicts their first code (forty-fifth run)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
     parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
