@@ -88,8 +88,9 @@ class Stage:
     ground_two_object_weight: float = 1.0
     # Whether edits that name an object of the source are grounded too: from the position that predicts the edited
     # image's first code, the head looks at that object's vision tokens. Two-object edits missed the named object
-    # most (move 0.41, recolour 0.32 of the thirty-fourth run's edits); grounding every code instead took the head
-    # from the image (forty-fourth run, docs/tiny_model_runs.md). Needs ground_weight.
+    # most (move 0.41, recolour 0.32 of the thirty-fourth run's edits). Off: in stage 4 it held the edit image loss
+    # at twice the run without it, from every code or from the first (forty-fourth and forty-fifth runs,
+    # docs/tiny_model_runs.md). Needs ground_weight.
     ground_edits: bool = False
     # Added to the run's --seed for this stage's data: the bundle's stages 2-4 drew their examples from the
     # next seed after stages 0-1 (twentieth run, docs/tiny_model_runs.md), so one command draws that data order.
