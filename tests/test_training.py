@@ -273,6 +273,8 @@ def test_recipe_trains_data_parallel_under_torchrun(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert [e["world_size"] for e in log if e.get("event") == "started"] == [2]
+    # The recipe grounds by default, as the bundle was trained (forty-third run).
+    assert json.loads((out / "options.json").read_text())["ground_two_objects"] == 3.0
     assert all((out / f"stage{i}.done").exists() for i in range(5))
     assert log[-1].get("event") == "finished"
     model, _ = load_model(export, dtype="fp32", device="cpu")
@@ -585,11 +587,27 @@ def test_a_resume_must_repeat_the_run_options(tmp_path):
     with pytest.raises(SystemExit, match="--mrope-interleaved"):
         check_run_options(tmp_path, {"vision_find": False, "mrope_interleaved": False})
     assert json.loads((tmp_path / "options.json").read_text()) == {"vision_find": False, "mrope_interleaved": True}
+    # The message gives the flags that repeat the recorded options, against the defaults (grounded since the
+    # forty-third run): a folder from before grounding resumes with --no-ground.
+    with pytest.raises(SystemExit, match="started with --no-ground --mrope-interleaved "):
+        check_run_options(tmp_path, {"vision_find": False, "mrope_interleaved": True, "ground": True})
     weighted = tmp_path / "weighted"
     weighted.mkdir()
-    check_run_options(weighted, {"ground": True, "ground_two_objects": 3.0})
-    with pytest.raises(SystemExit, match="--ground --ground-two-objects 3.0"):
-        check_run_options(weighted, {"ground": True, "ground_two_objects": False})
+    check_run_options(weighted, {"ground": True, "ground_readout": True, "ground_two_objects": 2.0})
+    with pytest.raises(SystemExit, match="started with --ground-two-objects 2 "):
+        check_run_options(weighted, {"ground": True, "ground_readout": True, "ground_two_objects": 3.0})
+    # A folder with stages trained before folders recorded options had them all off: resuming it on the defaults
+    # stops instead of grounding its later stages.
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "stage0.done").write_text("{}")
+    with pytest.raises(SystemExit, match="started with --no-ground "):
+        check_run_options(old, {"vision_find": False, "ground": True, "ground_readout": True})
+    check_run_options(old, {"vision_find": False, "ground": False, "ground_readout": False})
+    from wallaroo_nodes.train.recipe import run_option_flags
+    assert run_option_flags({"ground": True, "ground_readout": True, "ground_two_objects": 3.0}) == ""
+    assert run_option_flags({"ground": True, "ground_readout": False, "ground_two_objects": False,
+                             "ground_edits": True}) == "--no-ground-readout --ground-two-objects 1 --ground-edits"
 
 
 def test_ground_option_weighs_every_stage_that_trains_understanding_and_no_other():
@@ -632,11 +650,10 @@ def test_two_object_answers_count_as_often_as_their_weight_in_grounding_and_read
 
 def test_ground_readout_without_ground_stops_before_touching_the_run_folder(tmp_path, capsys):
     from wallaroo_nodes.train.recipe import main
-    with pytest.raises(SystemExit):
-        main(["--out", str(tmp_path / "run"), "--ground-readout"])
-    assert "pass --ground too" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main(["--out", str(tmp_path / "run"), "--ground-two-objects", "3"])
+    for flags in (["--ground-readout"], ["--ground-two-objects", "3"], ["--ground-edits"]):
+        with pytest.raises(SystemExit):
+            main(["--out", str(tmp_path / "run"), "--no-ground", *flags])
+        assert "drop --no-ground or them" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 
 
@@ -708,8 +725,8 @@ def test_grounded_edits_look_at_the_named_object_from_every_code_and_keep_the_dr
     assert len(mixed.ground_query_index) == 2  # a dropped prompt is not grounded
 
 
-def test_ground_edits_option_grounds_the_stages_that_edit(tmp_path, capsys):
-    from wallaroo_nodes.train.recipe import default_stages, main, with_grounding
+def test_ground_edits_option_grounds_the_stages_that_edit(tmp_path):
+    from wallaroo_nodes.train.recipe import default_stages, with_grounding
     stages = with_grounding(default_stages(), edits=True)
     assert [s.ground_edits for s in stages] == ["edit" in s.tasks for s in stages]
     assert all(s.ground_weight > 0 for s in stages if s.ground_edits)
@@ -717,10 +734,6 @@ def test_ground_edits_option_grounds_the_stages_that_edit(tmp_path, capsys):
     with pytest.raises(ValueError, match="needs ground_weight"):
         run_stage(4, Stage("4", 2, 1e-3, {"edit": 1.0}, [(64, 64)], ground_edits=True), None, None, tmp_path, 0,
                   torch.device("cpu"), 0, 1)
-    with pytest.raises(SystemExit):
-        main(["--out", str(tmp_path / "run"), "--ground-edits"])
-    assert "pass --ground too" in capsys.readouterr().err
-    assert not (tmp_path / "run").exists()
 
 
 def test_grounding_readout_reads_the_grounded_heads_output_learns_it_and_resumes_unexported(setup, tmp_path,

@@ -41,6 +41,8 @@ ALL_CANVASES = [tuple(c) for c in CANVAS_SIZES]
 VISION_STEPS = 1500  # scene-parsing steps before stage 0 (vision_pretrain.py says why)
 SQUARE = [(64, 64)]
 FIRST_CELL_WEIGHT = 4.0
+# How many times `--ground` counts an answer about one of two objects (Stage.ground_two_object_weight says why).
+GROUND_TWO_OBJECTS = 3.0
 
 
 @dataclass
@@ -661,6 +663,21 @@ def build_or_resume(out: Path, seed: int, device: torch.device, rank: int,
 RUN_OPTIONS_FILE = "options.json"
 
 
+def run_option_flags(options: dict[str, bool | float]) -> str:
+    """The command-line flags that start a run with these recorded options ("" for the defaults; an option a folder
+    predates records nothing and reads as off)."""
+    if not options.get("ground", False):
+        flags = ["--no-ground"]
+    else:
+        flags = ["--no-ground-readout"] if not options.get("ground_readout", False) else []
+        weight = options.get("ground_two_objects", False) or 1.0
+        if weight != GROUND_TWO_OBJECTS:
+            flags.append(f"--ground-two-objects {weight:g}")
+        flags += ["--ground-edits"] if options.get("ground_edits", False) else []
+    flags += ["--" + k.replace("_", "-") for k in sorted(options) if not k.startswith("ground") and options[k] is True]
+    return " ".join(flags)
+
+
 def check_run_options(out: Path, options: dict[str, bool | float]) -> None:
     """Record a run's architecture and pretraining options in its folder, or stop a resume that changes them.
 
@@ -669,12 +686,15 @@ def check_run_options(out: Path, options: dict[str, bool | float]) -> None:
     """
     path = out / RUN_OPTIONS_FILE
     if not path.exists():
-        path.write_text(json.dumps(options, sort_keys=True) + "\n")
-        return
+        if not any(out.glob("stage*.pt")) and not any(out.glob("stage*.done")):
+            path.write_text(json.dumps(options, sort_keys=True) + "\n")
+            return
+        # Stages trained before run folders recorded options had every option off (grounding included, now on
+        # by default): a resume that turns one on would switch recipe half-way.
+        path.write_text(json.dumps({k: False for k in options}, sort_keys=True) + "\n")
     recorded = json.loads(path.read_text())
     if any(recorded.get(k, False) != v for k, v in options.items()):
-        flags = " ".join("--" + k.replace("_", "-") + ("" if v is True else f" {v}")
-                         for k, v in sorted(recorded.items()) if v) or "no option flags"
+        flags = run_option_flags(recorded) or "no option flags"
         raise SystemExit(f"{out} was started with {flags} ({path}); resume it with the same options, or start "
                          f"a new --out folder")
 
@@ -796,14 +816,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="vision pretraining also finds each object from a description (thirty-eighth run)")
     parser.add_argument("--mrope-interleaved", action="store_true",
                         help="the LLM's M-RoPE in Qwen3-VL's interleaved layout (thirty-ninth run)")
-    parser.add_argument("--ground", action="store_true",
-                        help="the grounding loss in every stage with understanding, from stage 0 on (forty-first run)")
-    parser.add_argument("--ground-readout", action="store_true",
+    parser.add_argument("--ground", action=argparse.BooleanOptionalAction, default=True,
+                        help="the grounding loss in every stage with understanding, from stage 0 on (forty-first run; "
+                             "on by default since the forty-third run became the bundle)")
+    parser.add_argument("--ground-readout", action=argparse.BooleanOptionalAction, default=None,
                         help="with --ground, probes must read the named object's place and looks from the grounded "
-                             "head (forty-second and forty-third runs)")
-    parser.add_argument("--ground-two-objects", type=float, default=1.0, metavar="W",
+                             "head (forty-second and forty-third runs; default: on with --ground)")
+    parser.add_argument("--ground-two-objects", type=float, default=None, metavar="W",
                         help="with --ground, answers about one of two objects count W times in the grounding loss "
-                             "and read-out (forty-third run: 3)")
+                             f"and read-out (default with --ground: {GROUND_TWO_OBJECTS:g}, the forty-third run's)")
     parser.add_argument("--ground-edits", action="store_true",
                         help="with --ground, edits that name an object are grounded too, from the position that "
                              "predicts their first code (forty-fifth run)")
@@ -813,10 +834,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="autocast dtype of the stages (auto: bf16 where the hardware has native bf16)")
     parser.add_argument("--batch-size", type=int, default=0, help="override every stage's batch size (0 = recipe's)")
     args = parser.parse_args(argv)
-    if (args.ground_readout or args.ground_two_objects != 1.0 or args.ground_edits) and not args.ground:
+    if not args.ground and (args.ground_readout or args.ground_two_objects not in (None, 1.0) or args.ground_edits):
         # before the run folder records options it cannot train
-        parser.error("--ground-readout, --ground-two-objects and --ground-edits change the grounding loss: "
-                     "pass --ground too")
+        parser.error("--ground-readout, --ground-two-objects and --ground-edits change the grounding loss, which "
+                     "--no-ground turns off: drop --no-ground or them")
+    if args.ground_readout is None:
+        args.ground_readout = args.ground
+    if args.ground_two_objects is None:
+        args.ground_two_objects = GROUND_TWO_OBJECTS if args.ground else 1.0
     if args.threads:
         torch.set_num_threads(args.threads)
     rank, world = _dist()
