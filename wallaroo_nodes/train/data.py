@@ -77,6 +77,12 @@ def object_token_mask(scene: Scene, obj: Obj, grid: tuple[int, int, int], merge:
     return (F.adaptive_avg_pool2d(on, (rows, cols)) > 0.05).flatten()
 
 
+def grounding(turn: int, scene: Scene, obj: Obj, grid: tuple[int, int, int], cfg: WallarooConfig) -> Grounding:
+    """The Grounding of an answer (turn) or edit (turn 0) about `obj` in `scene`, seen through a vision `grid`."""
+    mask = object_token_mask(scene, obj, grid, cfg.vision.spatial_merge_size)
+    return Grounding(turn, mask, readout_fields(obj), len(scene.objects))
+
+
 def make_example(task: str, rng: random.Random, tok: TextTokenizer, cfg: WallarooConfig,
                  canvases: list[tuple[int, int]], uncond_prob: float = 0.1, qa_turns: int = 1,
                  n_objects: int | None = None, qa_kind_weights: dict[str, float] | None = None,
@@ -127,9 +133,7 @@ def make_example(task: str, rng: random.Random, tok: TextTokenizer, cfg: Wallaro
             reply = tok.encode(answer) + [im_end]
             ids += turn + reply
             targets += [False] * len(turn) + [True] * len(reply)
-        merge = cfg.vision.spatial_merge_size
-        grounds = [Grounding(turn, object_token_mask(scene, obj, grid, merge), readout_fields(obj), len(scene.objects))
-                   for turn, obj in named] if ground else []
+        grounds = [grounding(turn, scene, obj, grid, cfg) for turn, obj in named] if ground else []
         return Example(task, prompt, answer_ids=ids, answer_is_target=targets, source_image=image, vision_grid=grid,
                        vision_patches=patches, ground=grounds)
     if task == "generate":
@@ -149,8 +153,7 @@ def make_example(task: str, rng: random.Random, tok: TextTokenizer, cfg: Wallaro
                 instruction, source = "", Image.new("RGB", source.size, (0, 0, 0))
         patches, grid = images.vision_inputs(source, cfg.vision, cfg.vision.edit_min_pixels, cfg.vision.edit_max_pixels)
         prompt = build_edit(tok, cfg, instruction, canvas, grid, lang=lang)
-        grounds = [Grounding(0, object_token_mask(scene, named_obj, grid, cfg.vision.spatial_merge_size),
-                             readout_fields(named_obj), len(scene.objects))] if ground_edits and named_obj else []
+        grounds = [grounding(0, scene, named_obj, grid, cfg)] if ground_edits and named_obj else []
         return Example(task, prompt, target_image=render(target), source_image=source, vision_grid=grid,
                        vision_patches=patches, pixel_source=images.vq_input(source, canvas), ground=grounds)
     raise ValueError(f"unknown task {task!r}")

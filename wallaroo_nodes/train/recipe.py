@@ -231,7 +231,7 @@ def grounding_loss(q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor,
     inv_freq, axis = model.rope_tables(q.device)
     cos, sin = mrope_cos_sin(position_ids, inv_freq, axis, torch.float32)  # (B, L, D)
     rows = query_index // length
-    # Only the query rows are rotated; the keys of every sequence are, once (an edit has a query per code).
+    # Only the query rows are rotated; each sequence's keys once, not once per query (a chat asks three).
     qh = q.view(b * length, c.num_heads, c.head_dim)[query_index, head].float()
     qh = apply_rotary(qh[None, None], cos.flatten(0, 1)[query_index][None], sin.flatten(0, 1)[query_index][None])
     kh = k.view(b, length, c.num_kv_heads, c.head_dim)[:, :, kv_head].float()  # (B, L, D)
