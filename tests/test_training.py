@@ -18,7 +18,8 @@ from wallaroo_nodes.train.data import collate, make_example
 from wallaroo_nodes.train.recipe import (Stage, TrainingModel, build_or_resume, copy_generation_into_edit,
                                          default_stages, main,
                                          object_start_cells, region_start_cells,
-                                         run_stage, step_context, tiny_model_config, trainable_parameters)
+                                         run_stage, step_context, step_examples, tiny_model_config,
+                                         trainable_parameters)
 from wallaroo_nodes.train.tokenizer import train_tokenizer
 from wallaroo_nodes.engine.config import ProtocolConfig
 from wallaroo_nodes.shapes import CANVAS_SIZES, analyse
@@ -214,6 +215,36 @@ def test_edit_kind_weights_steer_which_edits_are_drawn(setup):
     assert sum(is_recolour(e) for e in draw()) < 10  # a fifth of uniform edits recolour
     with pytest.raises(ValueError, match="edit_kind_weights names unknown kinds.*'recolor'"):
         make_example("edit", random.Random(0), tok, cfg, [(64, 64)], edit_kind_weights={"recolor": 2.0})
+
+
+def test_stage_edit_objects_and_uncond_share_shape_its_edit_steps_and_leave_other_tasks_alone(setup):
+    """`Stage.edit_objects` fixes how many objects edit sources hold and `edit_uncond_prob` how many edits are
+    dropped for CFG (target = source); neither changes what the stage's other tasks draw."""
+    import dataclasses
+    tok, cfg = setup
+    base = dataclasses.replace(default_stages()[4], batch_size=12)
+    steps = {task: [s for s in range(60) if step_examples(base, 4, s, 0, 0, 1, tok, cfg)[0] == task][:2]
+             for task in ("edit", "generate", "understand")}
+
+    def edits(stage) -> list:
+        return [e for s in steps["edit"] for e in step_examples(stage, 4, s, 0, 0, stage.batch_size, tok, cfg)[1]]
+
+    def dropped(example) -> bool:
+        return example.target_image.tobytes() == example.source_image.tobytes()
+
+    two = edits(dataclasses.replace(base, edit_objects=(2,), edit_uncond_prob=0.0))
+    assert [len(analyse(e.source_image).objects) for e in two] == [2] * len(two)
+    assert not any(dropped(e) for e in two)
+    assert {len(analyse(e.source_image).objects) for e in edits(base)} == {1, 2}
+    assert all(dropped(e) for e in edits(dataclasses.replace(base, edit_uncond_prob=1.0)))
+    changed = dataclasses.replace(base, edit_objects=(2,), edit_uncond_prob=0.0)
+    for task in ("generate", "understand"):
+        for s in steps[task]:
+            before = step_examples(base, 4, s, 0, 0, 4, tok, cfg)
+            after = step_examples(changed, 4, s, 0, 0, 4, tok, cfg)
+            assert before[0] == after[0] == task
+            assert [e.prompt.ids for e in before[1]] == [e.prompt.ids for e in after[1]]
+            assert [e.answer_ids for e in before[1]] == [e.answer_ids for e in after[1]]
 
 
 @pytest.mark.parametrize("threads", [1, 2], ids=["vq-before-stage0", "vq-in-side-process"])

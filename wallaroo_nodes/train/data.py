@@ -24,6 +24,8 @@ from ..shapes import (EDIT_KINDS, LANGS, OBJECT_COLOURS, PALETTE, POSITIONS, QA_
 from ..shapes.world import render_array
 
 TASKS = ("understand", "generate", "edit")
+# Share of generation and edit prompts dropped so the model learns the unconditional branch CFG guides against.
+UNCOND_PROB = 0.1
 # What the grounding read-out (recipe.Stage.ground_readout_weight) asks of the grounded head's output about the
 # object it looks at: (attribute, values), place first.
 READOUT_FIELDS: tuple[tuple[str, tuple[str, ...]], ...] = (("position", POSITIONS), ("shape", SHAPES),
@@ -84,7 +86,7 @@ def grounding(turn: int, scene: Scene, obj: Obj, grid: tuple[int, int, int], cfg
 
 
 def make_example(task: str, rng: random.Random, tok: TextTokenizer, cfg: WallarooConfig,
-                 canvases: list[tuple[int, int]], uncond_prob: float = 0.1, qa_turns: int = 1,
+                 canvases: list[tuple[int, int]], uncond_prob: float = UNCOND_PROB, qa_turns: int = 1,
                  n_objects: int | None = None, qa_kind_weights: dict[str, float] | None = None,
                  edit_kind_weights: dict[str, float] | None = None, ground: bool = False,
                  ground_edits: bool = False) -> Example:

@@ -32,7 +32,7 @@ from ..engine.vq import VQModel
 from ..engine.weights import save_model_folder
 from ..shapes import CANVAS_SIZES, random_scene, render
 from ..engine import images
-from .data import READOUT_FIELDS, Batch, collate, make_example
+from .data import READOUT_FIELDS, UNCOND_PROB, Batch, Example, collate, make_example
 from .schedule import SAVE_EVERY_S, lr_at
 from .tokenizer import train_tokenizer
 from .vision_pretrain import pretrain_vision
@@ -63,8 +63,13 @@ class Stage:
     # Weights of understanding question kinds and of edit kinds (a kind left out weighs 1); None: uniform.
     qa_kind_weights: dict[str, float] | None = None
     edit_kind_weights: dict[str, float] | None = None
-    # Object counts drawn for generation scenes (understanding and editing always see one or two objects).
+    # Object counts drawn for generation scenes (understanding always sees one or two objects).
     gen_objects: tuple[int, ...] = (1, 2)
+    # Object counts drawn for edit sources; None: one or two, drawn by the scene generator as in earlier runs.
+    edit_objects: tuple[int, ...] | None = None
+    # Share of edit examples whose instruction is dropped (the source kept as the target): what CFG guides
+    # against. Generation keeps data.make_example's default.
+    edit_uncond_prob: float = UNCOND_PROB
     # Start the editing head and adapters as copies of generation's (they predict and embed the same VQ codes)
     # instead of from random weights.
     edit_from_generation: bool = False
@@ -542,6 +547,35 @@ def copy_generation_into_edit(model: WallarooModel) -> None:
         nn.init.constant_(model.edit_copy_gate.bias, COPY_GATE_START)
 
 
+def stage_objects(stage: Stage, task: str, rng: random.Random) -> int | None:
+    """The object count a stage draws for a task's next scene (None: the scene generator draws it)."""
+    if task == "generate":
+        return rng.choice(stage.gen_objects)
+    if task == "edit" and stage.edit_objects is not None:
+        return rng.choice(stage.edit_objects)
+    return None
+
+
+def step_examples(stage: Stage, index: int, step: int, seed: int, rank: int, count: int, tok: TextTokenizer,
+                  cfg: WallarooConfig) -> tuple[str, list[Example]]:
+    """The task and `count` examples that rank `rank` trains on at `step` of stage `index` (deterministic)."""
+    # Every rank takes the same task and canvas (drawn from rank 0's stream): a data-parallel step waits
+    # for its slowest rank, and an edit batch is half again as long as a generation batch.
+    step_seed = (seed + stage.seed_offset) * 1_000_003 + index * 10_000_019 + step * 131
+    rng = random.Random(step_seed)
+    tasks, weights = zip(*stage.tasks.items())
+    task = rng.choices(tasks, weights)[0]
+    canvas = rng.choice(stage.canvases)
+    if rank:
+        rng = random.Random(step_seed + rank)  # each rank's own examples
+    uncond_prob = stage.edit_uncond_prob if task == "edit" else UNCOND_PROB
+    return task, [make_example(task, rng, tok, cfg, [canvas], uncond_prob=uncond_prob, qa_turns=stage.qa_turns,
+                               qa_kind_weights=stage.qa_kind_weights, edit_kind_weights=stage.edit_kind_weights,
+                               ground=stage.ground_weight > 0, ground_edits=stage.ground_edits,
+                               n_objects=stage_objects(stage, task, rng))
+                  for _ in range(count)]
+
+
 def run_stage(index: int, stage: Stage, model: WallarooModel, tok: TextTokenizer, out: Path, seed: int,
               device: torch.device, rank: int, world: int, log=print,
               before_step: Callable[[], None] | None = None, precision: torch.dtype | None = None) -> None:
@@ -580,7 +614,6 @@ def run_stage(index: int, stage: Stage, model: WallarooModel, tok: TextTokenizer
     model.train()
     model.vq.eval()
     precision = training_precision(device) if precision is None else precision
-    tasks, weights = zip(*stage.tasks.items())
     bar = tqdm(range(start, stage.steps), desc=f"stage {stage.name}", initial=start, total=stage.steps,
                disable=rank != 0, mininterval=5)
     t0, seen, ema = time.time(), 0, {}
@@ -588,20 +621,9 @@ def run_stage(index: int, stage: Stage, model: WallarooModel, tok: TextTokenizer
     for step in bar:
         if before_step is not None:
             before_step()
-        # Every rank takes the same task and canvas (drawn from rank 0's stream): a data-parallel step waits
-        # for its slowest rank, and an edit batch is half again as long as a generation batch.
-        step_seed = (seed + stage.seed_offset) * 1_000_003 + index * 10_000_019 + step * 131
-        rng = random.Random(step_seed)
-        task = rng.choices(tasks, weights)[0]
-        canvas = rng.choice(stage.canvases)
-        if rank:
-            rng = random.Random(step_seed + rank)  # each rank's own examples
         per_rank = max(1, stage.batch_size // world)
-        batch = collate([make_example(task, rng, tok, model.cfg, [canvas], qa_turns=stage.qa_turns,
-                                      qa_kind_weights=stage.qa_kind_weights, edit_kind_weights=stage.edit_kind_weights,
-                                      ground=stage.ground_weight > 0, ground_edits=stage.ground_edits,
-                                      n_objects=rng.choice(stage.gen_objects) if task == "generate" else None)
-                         for _ in range(per_rank)], model.cfg)
+        task, examples = step_examples(stage, index, step, seed, rank, per_rank, tok, model.cfg)
+        batch = collate(examples, model.cfg)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, stage.steps, stage.lr)
         with step_context(device, precision):
