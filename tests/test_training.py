@@ -11,18 +11,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from wallaroo_nodes.engine import images
 from wallaroo_nodes.engine.model import WallarooModel
 from wallaroo_nodes.engine.text import TextTokenizer
+from wallaroo_nodes.engine.vq import VQModel
 from wallaroo_nodes.engine.weights import load_model
 from wallaroo_nodes.train.data import collate, make_example
 from wallaroo_nodes.train.recipe import (Stage, TrainingModel, build_or_resume, copy_generation_into_edit,
                                          default_stages, main,
                                          object_start_cells, region_start_cells,
                                          run_stage, step_context, step_examples, tiny_model_config,
-                                         trainable_parameters)
+                                         train_vq, trainable_parameters)
 from wallaroo_nodes.train.tokenizer import train_tokenizer
 from wallaroo_nodes.engine.config import ProtocolConfig
-from wallaroo_nodes.shapes import CANVAS_SIZES, analyse
+from wallaroo_nodes.shapes import CANVAS_SIZES, analyse, random_scene, render
 
 
 @pytest.fixture(scope="module")
@@ -250,8 +252,8 @@ def test_stage_edit_objects_and_uncond_share_shape_its_edit_steps_and_leave_othe
 @pytest.mark.parametrize("threads", [1, 2], ids=["vq-before-stage0", "vq-in-side-process"])
 def test_recipe_runs_end_to_end_resumes_and_exports(tmp_path, threads, capsys):
     out, export = tmp_path / "run", tmp_path / "model"
-    args = ["--out", str(out), "--scale", "0.0001", "--vq-steps", "2", "--vq-warm-steps", "1", "--batch-size", "2",
-            "--vq-batch-size", "2", "--threads", str(threads), "--export", str(export), "--vision-steps", "2"]
+    args = ["--out", str(out), "--scale", "0.0001", "--vq-steps", "2", "--vq-warm-steps", "1", "--vq-polish-steps", "1",
+            "--batch-size", "2", "--vq-batch-size", "2", "--threads", str(threads), "--export", str(export), "--vision-steps", "2"]
     try:
         assert main(args) == 0
     finally:
@@ -297,7 +299,7 @@ def test_recipe_trains_data_parallel_under_torchrun(tmp_path):
     out, export = tmp_path / "run", tmp_path / "model"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "wallaroo_nodes.train", "--out", str(out), "--scale", "0.0001", "--vq-steps", "2",
-           "--vq-warm-steps", "1", "--batch-size", "4", "--vq-batch-size", "2", "--threads", "1",
+           "--vq-warm-steps", "1", "--vq-polish-steps", "1", "--batch-size", "4", "--vq-batch-size", "2", "--threads", "1",
            "--export", str(export), "--vision-steps", "2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
@@ -364,6 +366,27 @@ def test_killed_trainer_takes_its_side_vq_process_with_it(tmp_path):
         for k in side:  # never leave a stray trainer behind, even when the test fails
             if _alive(k):
                 os.kill(k, signal.SIGKILL)
+
+
+def test_vq_polish_trains_the_decoder_alone_so_codes_stay_and_resumes_from_the_vq_checkpoint(setup, tmp_path):
+    """Phase 3 of train_vq (--vq-polish-steps) moves only the decoder: every code the stages learnt still means
+    the same, and a finished VQ run picks the polish up from its checkpoint."""
+    _, cfg = setup
+    train_vq(cfg.vq, 2, tmp_path, 0, torch.device("cpu"), 0, batch_size=2, log=lambda line: None, warm_steps=1)
+    before = torch.load(tmp_path / "vq.pt", weights_only=True)
+    assert before["step"] == 2
+    vq = train_vq(cfg.vq, 2, tmp_path, 0, torch.device("cpu"), 0, batch_size=2, log=lambda line: None,
+                  warm_steps=1, polish_steps=3)
+    after = torch.load(tmp_path / "vq.pt", weights_only=True)
+    assert after["step"] == 5
+    decoder = ("decoder.", "post_quant_conv.")
+    moved = {name for name, tensor in before["model"].items() if not torch.equal(tensor, after["model"][name])}
+    assert moved and all(name.startswith(decoder) for name in moved), sorted(moved)
+    first = VQModel(cfg.vq)
+    first.load_state_dict(before["model"])
+    for canvas in CANVAS_SIZES:
+        x = images.vq_input(render(random_scene(random.Random(1), canvas=tuple(canvas))), tuple(canvas))
+        assert torch.equal(first.eval().encode(x), vq.encode(x))
 
 
 def test_vq_loss_weights_outlines_above_object_insides_above_background():
