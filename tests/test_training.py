@@ -387,6 +387,10 @@ def test_vq_polish_trains_the_decoder_alone_so_codes_stay_and_resumes_from_the_v
     for canvas in CANVAS_SIZES:
         x = images.vq_input(render(random_scene(random.Random(1), canvas=tuple(canvas))), tuple(canvas))
         assert torch.equal(first.eval().encode(x), vq.encode(x))
+    # A polish stopped part-way resumes with its own (decoder-only) optimizer state.
+    train_vq(cfg.vq, 2, tmp_path, 0, torch.device("cpu"), 0, batch_size=2, log=lambda line: None, warm_steps=1,
+             polish_steps=4)
+    assert torch.load(tmp_path / "vq.pt", weights_only=True)["step"] == 6
 
 
 def test_vq_loss_weights_outlines_above_object_insides_above_background():

@@ -458,13 +458,20 @@ def train_vq(cfg: VQConfig, steps: int, out: Path, seed: int, device: torch.devi
     decoder alone (the codes stay as they are); resumable."""
     ckpt = out / "vq.pt"
     vq = VQModel(cfg).to(device)
-    opt = torch.optim.AdamW(vq.parameters(), lr=VQ_LR, betas=(0.9, 0.95), weight_decay=0.0)
+    decoder = list(vq.decoder.parameters()) + list(vq.post_quant_conv.parameters())
+
+    def optimizer(step: int) -> torch.optim.Optimizer:
+        # The polish has an optimizer of its own, over the decoder alone.
+        params = decoder if step >= steps else vq.parameters()
+        return torch.optim.AdamW(params, lr=VQ_LR, betas=(0.9, 0.95), weight_decay=0.0)
     start, total = 0, steps + polish_steps
-    if ckpt.exists():
-        state = torch.load(ckpt, map_location=device, weights_only=True)
+    state = torch.load(ckpt, map_location=device, weights_only=True) if ckpt.exists() else None
+    if state is not None:
         vq.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
         start = state["step"]
+    opt = optimizer(start)
+    if state is not None and start != steps:  # saved at `steps`, it is the whole VQ's: the polish starts afresh
+        opt.load_state_dict(state["optimizer"])
     if start >= total:
         return vq.eval().requires_grad_(False)
     bar = tqdm(range(start, total), desc="vq", initial=start, total=total, disable=rank != 0, mininterval=5)
@@ -475,6 +482,8 @@ def train_vq(cfg: VQConfig, steps: int, out: Path, seed: int, device: torch.devi
     for step in bar:
         rng = random.Random(seed * 1_000_003 + step * 131 + rank)
         polishing = step >= steps
+        if step == steps:
+            opt = optimizer(step)
         canvas = POLISH_CANVAS if polishing and rng.random() < POLISH_CANVAS_SHARE else rng.choice(ALL_CANVASES)
         x = torch.cat([images.vq_input(render(random_scene(rng, canvas=canvas)), canvas)
                        for _ in range(batch_size)]).to(device)
