@@ -253,7 +253,8 @@ def test_stage_edit_objects_and_uncond_share_shape_its_edit_steps_and_leave_othe
 def test_recipe_runs_end_to_end_resumes_and_exports(tmp_path, threads, capsys):
     out, export = tmp_path / "run", tmp_path / "model"
     args = ["--out", str(out), "--scale", "0.0001", "--vq-steps", "2", "--vq-warm-steps", "1", "--vq-polish-steps", "1",
-            "--batch-size", "2", "--vq-batch-size", "2", "--threads", str(threads), "--export", str(export), "--vision-steps", "2"]
+            "--batch-size", "2", "--vq-batch-size", "2", "--threads", str(threads), "--export", str(export),
+            "--vision-steps", "2"]
     try:
         assert main(args) == 0
     finally:
@@ -299,8 +300,8 @@ def test_recipe_trains_data_parallel_under_torchrun(tmp_path):
     out, export = tmp_path / "run", tmp_path / "model"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "wallaroo_nodes.train", "--out", str(out), "--scale", "0.0001", "--vq-steps", "2",
-           "--vq-warm-steps", "1", "--vq-polish-steps", "1", "--batch-size", "4", "--vq-batch-size", "2", "--threads", "1",
-           "--export", str(export), "--vision-steps", "2"]
+           "--vq-warm-steps", "1", "--vq-polish-steps", "1", "--batch-size", "4", "--vq-batch-size", "2",
+           "--threads", "1", "--export", str(export), "--vision-steps", "2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
