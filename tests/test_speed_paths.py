@@ -2,6 +2,7 @@
 
 * `sample` draws exactly what `torch.multinomial` draws for the same generator (without its host sync).
 * Grouped-query folding in `attention` equals repeating the KV heads; a single query's cache mask is a view.
+* Training on a CPU takes the explicit attention path, with SDPA's values and gradients.
 * `decode_weights` packs on the CPU, is cached, and is rebuilt when a weight changes in place; packed and
   unpacked steps decode the same codes.
 * `python -m bench` runs both engines on the tiny test config, finds the transformers baseline decoding the
@@ -57,6 +58,44 @@ def test_grouped_query_fold_equals_repeated_heads(lq, kind):
     if kind == "float":
         mask = torch.zeros(mask.shape).masked_fill(~mask, float("-inf"))
     assert torch.allclose(attention(q, k, v, mask), ref, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["none", "bool", "float"])
+def test_training_attention_equals_sdpa_with_gradients(kind, monkeypatch):
+    # With gradients wanted on a CPU, `attention` takes the explicit matmul-softmax path (faster than SDPA's math
+    # kernel under bf16 autocast); values and gradients must be SDPA's.
+    g = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(2, 8, 20, 16, generator=g).requires_grad_(), torch.randn(2, 2, 20, 16, generator=g)
+               .requires_grad_(), torch.randn(2, 2, 20, 16, generator=g).requires_grad_())
+    valid = torch.ones(2, 20, dtype=torch.bool)
+    valid[1, -4:] = False  # right padding, as training batches have
+    mask = (torch.ones(20, 20, dtype=torch.bool).tril()[None, None] & valid[:, None, None]) | torch.eye(20, dtype=torch.bool)
+    ref = F.scaled_dot_product_attention(q, k.repeat_interleave(4, 1), v.repeat_interleave(4, 1),
+                                         attn_mask=None if kind == "none" else mask)
+    ref_grads = torch.autograd.grad(ref.square().sum(), (q, k, v))
+    if kind == "float":
+        mask = torch.zeros(mask.shape).masked_fill(~mask, float("-inf"))
+    import wallaroo_nodes.engine.attention as attention_module
+
+    def no_sdpa(*args, **kwargs):
+        raise AssertionError("training attention on a CPU should not call SDPA")
+    monkeypatch.setattr(attention_module.F, "scaled_dot_product_attention", no_sdpa)
+    out = attention(q, k, v, None if kind == "none" else mask)
+    monkeypatch.undo()
+    assert torch.allclose(out, ref, atol=1e-6)
+    for ours, theirs in zip(torch.autograd.grad(out.square().sum(), (q, k, v)), ref_grads):
+        assert torch.allclose(ours, theirs, atol=1e-4)
+
+
+def test_training_attention_keeps_a_fully_masked_row_finite():
+    # A query that may see no key (not made by the training mask, which lets each position see itself) must not
+    # turn NaN: its keys feed every later layer.
+    q, k, v = (torch.randn(1, 2, 4, 8, requires_grad=True) for _ in range(3))
+    mask = torch.ones(1, 1, 4, 4, dtype=torch.bool).tril()
+    mask[0, 0, 0] = False
+    out = attention(q, k, v, mask)
+    out.sum().backward()
+    assert torch.isfinite(out).all() and torch.isfinite(q.grad).all()
 
 
 def test_single_query_mask_is_a_view():
@@ -137,6 +176,22 @@ def test_bench_compares_with_transformers(capsys):
             and "transformers" in line.split()[1:2]]
     assert len(rows) == 4
     assert all(r[-1] == "same" for r in rows), "the baseline must decode exactly ours' codes for the same seed"
+
+
+def test_training_step_bench_times_both_attention_paths(capsys):
+    from bench.train_step import SPEEDUP_LINE, main
+    from wallaroo_nodes.engine import attention as attention_module
+
+    assert main(["--tasks", "generate,edit", "--batch-size", "2", "--repeats", "1", "--threads", "1"]) == 0
+    assert attention_module.EXPLICIT_TRAINING_ATTENTION, "the bench must leave training on the explicit path"
+    out = capsys.readouterr().out.strip().splitlines()
+    assert re.fullmatch(re.escape(SPEEDUP_LINE) + r"\d+\.\d\dx", out[-1])
+    rows = {line.split()[0]: line.split()[1:] for line in out if line.startswith(("generate", "edit"))}
+    assert set(rows) == {"generate", "edit"}
+    assert all(float(v) > 0 for row in rows.values() for v in row[1:3])
+    with pytest.raises(SystemExit):
+        main(["--tasks", "draw"])
+    assert "unknown ['draw']" in capsys.readouterr().err
 
 
 def test_bench_says_when_transformers_is_missing(capsys, monkeypatch):
