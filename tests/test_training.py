@@ -291,6 +291,32 @@ def test_recipe_runs_end_to_end_resumes_and_exports(tmp_path, threads, capsys):
         build_or_resume(assembled, 0, torch.device("cpu"), 0)
 
 
+def test_stages_start_while_the_vq_polish_runs_and_the_export_has_the_polished_decoder(tmp_path):
+    # Stages 1-4 need the VQ's codes only, final when phase 2 ends; the side process polishes the decoder beside
+    # them, and the exported model carries the polished decoder, not the one the stages' checkpoints hold.
+    out, export = tmp_path / "run", tmp_path / "model"
+    args = ["--out", str(out), "--scale", "0.0001", "--vq-steps", "2", "--vq-warm-steps", "1",
+            "--vq-polish-steps", "600", "--batch-size", "2", "--vq-batch-size", "2", "--threads", "2",
+            "--export", str(export), "--vision-steps", "2"]
+    try:
+        assert main(args) == 0
+    finally:
+        torch.set_num_threads(1)
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    vq_steps = [(i, e["step"]) for i, e in enumerate(log) if e.get("stage") == "vq" and "step" in e]
+    codes_final = next(i for i, step in vq_steps if step == 2)
+    polished = next(i for i, step in vq_steps if step == 602)
+    stage1 = next(i for i, e in enumerate(log) if e.get("stage") == "1-alignment")
+    assert codes_final < stage1 < polished, "stage 1 should start when the codes are final, before the polish ends"
+    final = torch.load(out / "vq.pt", weights_only=True)
+    assert final["step"] == 602
+    model, _ = load_model(export, dtype="fp32", device="cpu")
+    exported = model.vq.state_dict()
+    assert all(torch.equal(exported[k], v) for k, v in final["model"].items())
+    stage4 = torch.load(out / "stage4.pt", weights_only=True)["model"]
+    assert not all(torch.equal(stage4[f"vq.{k}"], v) for k, v in final["model"].items() if k.startswith("decoder"))
+
+
 def test_recipe_trains_data_parallel_under_torchrun(tmp_path):
     # The same script on two CPU ranks (gloo): rank 0 trains the VQ and the vision tower, every stage's
     # batches are split across both, and the exported model loads.

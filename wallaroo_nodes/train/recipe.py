@@ -34,7 +34,7 @@ from ..shapes import CANVAS_SIZES, random_scene, render
 from ..shapes.world import object_side
 from ..engine import images
 from .data import READOUT_FIELDS, UNCOND_PROB, Batch, Example, collate, make_example
-from .schedule import SAVE_EVERY_S, lr_at
+from .schedule import SAVE_EVERY_S, lr_at, save_checkpoint
 from .tokenizer import train_tokenizer
 from .vision_pretrain import pretrain_vision
 
@@ -401,7 +401,9 @@ def step_context(device: torch.device, dtype: torch.dtype):
     """Autocast to `dtype` for one training forward; on CPU also the math attention kernel.
 
     PyTorch's CPU flash-attention backward took a fifth of a step at these sizes (27 ms a layer for
-    32 x 131 tokens); the plain matmul-softmax path is faster here and its memory cost is small.
+    32 x 131 tokens); the plain matmul-softmax path is faster here and its memory cost is small. The LLM's
+    attention goes further on a CPU and skips SDPA when training (`attention._explicit_attention`); the vision
+    tower's still runs through it.
     """
     with contextlib.ExitStack() as stack:
         if dtype != torch.float32:
@@ -522,9 +524,11 @@ def train_vq(cfg: VQConfig, steps: int, out: Path, seed: int, device: torch.devi
         opt.step()
         seen += batch_size
         bar.set_postfix(rec=f"{rec.item():.4f}", img_s=f"{seen / (time.time() - t0):.0f}", refresh=False)
-        if rank == 0 and (time.time() - last_save > SAVE_EVERY_S or step + 1 == total):
+        # Also saved where the codes become final (the end of phase 2): the trainer starts stage 1 from that
+        # checkpoint while the polish goes on.
+        if rank == 0 and (time.time() - last_save > SAVE_EVERY_S or step + 1 in (steps, total)):
             last_save = time.time()
-            torch.save({"model": vq.state_dict(), "optimizer": opt.state_dict(), "step": step + 1}, ckpt)
+            save_checkpoint({"model": vq.state_dict(), "optimizer": opt.state_dict(), "step": step + 1}, ckpt)
             log(json.dumps({"stage": "vq", "step": step + 1, "recon": round(rec.item(), 5)}))
     return vq.eval().requires_grad_(False)
 
@@ -672,7 +676,7 @@ def run_stage(index: int, stage: Stage, model: WallarooModel, tok: TextTokenizer
         if rank == 0 and (time.time() - last_save > SAVE_EVERY_S or step + 1 == stage.steps):
             last_save = time.time()
             extra = {"readout": probes.state_dict()} if probes is not None else {}
-            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step + 1, **extra}, ckpt)
+            save_checkpoint({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step + 1, **extra}, ckpt)
             log(json.dumps({"stage": stage.name, "step": step + 1, **{k: round(v, 4) for k, v in ema.items()},
                             "samples_per_s": round(seen / (time.time() - t0), 1),
                             "precision": str(precision).removeprefix("torch.")}))
@@ -921,6 +925,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.ground:
         stages = with_grounding(stages, readout_weight=1.0 if args.ground_readout else 0.0,
                                 two_object_weight=args.ground_two_objects, edits=args.ground_edits)
+    finished_before = (vq_steps_done(args.out) >= args.vq_steps + args.vq_polish_steps
+                       and all((args.out / f"stage{i}.done").exists() for i in range(len(stages))))
     vq_run = (model.cfg.vq, args.vq_steps, args.out, args.seed)
     vq_kw = {"batch_size": args.vq_batch_size, "warm_steps": args.vq_warm_steps, "polish_steps": args.vq_polish_steps}
     threads = torch.get_num_threads()
@@ -941,7 +947,8 @@ def main(argv: list[str] | None = None) -> int:
         dist.barrier()  # the other ranks wait for rank 0's VQ instead of timing out inside DDP's first step
 
     def take_back_threads() -> None:
-        # The VQ usually finishes first: stage 0 then gets all the threads for the rest of its steps.
+        # When the VQ side process ends (in stage 0, or in stage 1 or 2 when its polish runs on), the stage
+        # running then gets all the threads for the rest of its steps.
         if not side.is_alive() and torch.get_num_threads() != threads:
             torch.set_num_threads(threads)
 
@@ -958,21 +965,34 @@ def main(argv: list[str] | None = None) -> int:
                                                         weights_only=True)["tower"])
     run_stage(0, stages[0], model, tok, args.out, args.seed, device, rank, world, log,
               before_step=take_back_threads if side is not None else None, precision=precision)
+
+    def side_failed() -> SystemExit:
+        return SystemExit(f"VQ training failed (exit code {side.exitcode}); see the log above, rerun to resume")
+    if side is not None:
+        # Stages 1-4 need only the VQ's codes (its encoder and codebook), final once phase 2 ends; the polish
+        # touches the decoder alone. So they start then, on the threads stage 0 had, while the polish finishes.
+        while vq_steps_done(args.out) < args.vq_steps and side.is_alive():
+            time.sleep(2.0)
+        if not side.is_alive() and side.exitcode != 0:
+            raise side_failed()
+    if dist.is_initialized():
+        dist.barrier()  # rank 0 trained the VQ; everyone uses that one
+    model.vq.load_state_dict(torch.load(args.out / "vq.pt", map_location=device, weights_only=True)["model"])
+    if rank == 0 and not (args.out / "stage1.done").exists():
+        log_vision_reading(model, tok, log)
+    for i, stage in enumerate(stages[1:], start=1):
+        run_stage(i, stage, model, tok, args.out, args.seed, device, rank, world, log,
+                  before_step=take_back_threads if side is not None else None, precision=precision)
     if side is not None:
         side.join()
         torch.set_num_threads(threads)
         if side.exitcode != 0:
-            raise SystemExit(f"VQ training failed (exit code {side.exitcode}); see the log above, rerun to resume")
-    if dist.is_initialized():
-        dist.barrier()  # rank 0 trained the VQ; everyone uses that one
-    vq_state = torch.load(args.out / "vq.pt", map_location=device, weights_only=True)["model"]
-    model.vq.load_state_dict(vq_state)
-    if rank == 0 and not (args.out / "stage1.done").exists():
-        log_vq_quality(model.vq, log)
-        log_vision_reading(model, tok, log)
-    for i, stage in enumerate(stages[1:], start=1):
-        run_stage(i, stage, model, tok, args.out, args.seed, device, rank, world, log, precision=precision)
+            raise side_failed()
+    # The polished decoder (stage checkpoints carry whichever VQ weights the trainer held when they were saved).
+    model.vq.load_state_dict(torch.load(args.out / "vq.pt", map_location=device, weights_only=True)["model"])
     if rank == 0:
+        if not finished_before:
+            log_vq_quality(model.vq, log)
         log(json.dumps({"event": "finished", "seconds_this_run": round(time.time() - t0, 1)}))
         if args.export:
             export(model, args.out / "tokenizer.json", args.export)

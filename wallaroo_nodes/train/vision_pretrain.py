@@ -33,7 +33,7 @@ from ..engine.config import VisionConfig
 from ..engine.vision import VisionTower
 from ..shapes import BACKGROUND_COLOURS, CANVAS_SIZES, OBJECT_COLOURS, POSITIONS, SHAPES, SIZES, Scene, random_scene, render
 from ..shapes.text import singles_out
-from .schedule import SAVE_EVERY_S, lr_at
+from .schedule import SAVE_EVERY_S, lr_at, save_checkpoint
 
 SLOT_FIELDS: tuple[tuple[str, int], ...] = (("present", 2), ("shape", len(SHAPES)), ("colour", len(OBJECT_COLOURS)),
                                            ("size", len(SIZES)))
@@ -210,8 +210,8 @@ def pretrain_vision(tower: VisionTower, steps: int, out: Path, seed: int, device
         bar.set_postfix(parse=f"{ema_loss:.3f}", fields_right=f"{ema_acc:.3f}", refresh=False)
         if rank == 0 and (time.time() - last_save > SAVE_EVERY_S or step + 1 == steps):
             last_save = time.time()
-            torch.save({"tower": tower.state_dict(), "head": head.state_dict(), "optimizer": opt.state_dict(),
-                        "step": step + 1, "accuracy": ema_acc}, ckpt)
+            save_checkpoint({"tower": tower.state_dict(), "head": head.state_dict(), "optimizer": opt.state_dict(),
+                             "step": step + 1, "accuracy": ema_acc}, ckpt)
             log(json.dumps({"stage": "vision", "step": step + 1, "parse_loss": round(ema_loss, 4),
                             "fields_right": round(ema_acc, 4)}))
     if rank == 0:
