@@ -537,8 +537,10 @@ RESET_EVERY = 20
 # Decoder-only VQ steps after the VQ's own (train_vq's phase 3). Jointly trained, the decoder still drew small
 # circles on the narrow canvas with square corners: 0.77 of its held-out scenes survived the round trip, 0.94-0.97
 # of the others'. The codes told circle from square all along; 3,000 decoder steps, half of them on that canvas,
-# took it to 0.88 and the others to 0.97-0.98 (forty-third run's VQ, docs/tiny_model_runs.md).
-VQ_POLISH_STEPS = 3000
+# took it to 0.88 and the others to 0.97-0.98, and 6,000 to 0.967 and 0.987, which lifted the bundle's
+# editing from 0.783 to 0.813 of 2,000 held-out edits (forty-third run's VQ, docs/tiny_model_runs.md). Stages
+# 1-4 start beside it: they read only the codes.
+VQ_POLISH_STEPS = 6000
 # The canvas with the smallest objects (9 px small ones in (80, 48)'s 16 px thirds) and its share of polish batches.
 POLISH_CANVAS = min(ALL_CANVASES, key=lambda c: object_side(c, "small"))
 POLISH_CANVAS_SHARE = 0.5
