@@ -69,7 +69,8 @@ def test_training_attention_equals_sdpa_with_gradients(kind, monkeypatch):
                .requires_grad_(), torch.randn(2, 2, 20, 16, generator=g).requires_grad_())
     valid = torch.ones(2, 20, dtype=torch.bool)
     valid[1, -4:] = False  # right padding, as training batches have
-    mask = (torch.ones(20, 20, dtype=torch.bool).tril()[None, None] & valid[:, None, None]) | torch.eye(20, dtype=torch.bool)
+    causal = torch.ones(20, 20, dtype=torch.bool).tril()[None, None]
+    mask = (causal & valid[:, None, None]) | torch.eye(20, dtype=torch.bool)
     ref = F.scaled_dot_product_attention(q, k.repeat_interleave(4, 1), v.repeat_interleave(4, 1),
                                          attn_mask=None if kind == "none" else mask)
     ref_grads = torch.autograd.grad(ref.square().sum(), (q, k, v))

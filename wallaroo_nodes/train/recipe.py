@@ -678,7 +678,8 @@ def run_stage(index: int, stage: Stage, model: WallarooModel, tok: TextTokenizer
         if rank == 0 and (time.time() - last_save > SAVE_EVERY_S or step + 1 == stage.steps):
             last_save = time.time()
             extra = {"readout": probes.state_dict()} if probes is not None else {}
-            save_checkpoint({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step + 1, **extra}, ckpt)
+            save_checkpoint({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step + 1, **extra},
+                            ckpt)
             log(json.dumps({"stage": stage.name, "step": step + 1, **{k: round(v, 4) for k, v in ema.items()},
                             "samples_per_s": round(seen / (time.time() - t0), 1),
                             "precision": str(precision).removeprefix("torch.")}))
