@@ -25,10 +25,9 @@ import torch
 
 from wallaroo_nodes.engine import attention as attention_module
 from wallaroo_nodes.engine.weights import load_model
-from wallaroo_nodes.train.data import collate, make_example
-from wallaroo_nodes.train.data import UNCOND_PROB
-from wallaroo_nodes.train.recipe import (ALL_CANVASES, GROUND_TWO_OBJECTS, TrainingModel, default_stages, stage_objects,
-                                         step_context, trainable_parameters, training_precision, with_grounding)
+from wallaroo_nodes.train.data import collate
+from wallaroo_nodes.train.recipe import (ALL_CANVASES, GROUND_TWO_OBJECTS, default_stages, stage_trainer, step_context,
+                                         task_examples, training_precision, with_grounding)
 
 PATHS = ("explicit", "sdpa")
 SPEEDUP_LINE = "training step speedup explicit vs sdpa: "
@@ -57,23 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     model, tok = load_model(args.model, dtype="fp32", device="cpu")
     model.train().requires_grad_(False)
     stage = with_grounding(default_stages(), readout_weight=1.0, two_object_weight=GROUND_TWO_OBJECTS)[4]
-    trainer = TrainingModel(model, stage.first_cell_weight, stage.edit_start_cells, stage.ground_weight,
-                            stage.ground_head, stage.ground_readout_weight, stage.ground_two_object_weight)
-    params = trainable_parameters(model, stage.trainable)
-    if trainer.readout is not None:
-        params = params + list(trainer.readout.parameters())
+    trainer, params = stage_trainer(model, stage)
     opt = torch.optim.AdamW(params, lr=1e-5)
     precision = training_precision(device)
-
-    def batch_for(task: str, canvas: tuple[int, int], seed: int):
-        rng = random.Random(seed)
-        # The examples recipe.step_examples draws for this task in stage 4.
-        uncond = stage.edit_uncond_prob if task == "edit" else UNCOND_PROB
-        return collate([make_example(task, rng, tok, model.cfg, [canvas], uncond_prob=uncond, qa_turns=stage.qa_turns,
-                                     qa_kind_weights=stage.qa_kind_weights, edit_kind_weights=stage.edit_kind_weights,
-                                     ground=stage.ground_weight > 0, ground_edits=stage.ground_edits,
-                                     n_objects=stage_objects(stage, task, rng))
-                        for _ in range(args.batch_size)], model.cfg)
 
     def step(batch) -> float:
         t0 = time.perf_counter()
@@ -93,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
             times: dict[str, list[float]] = {p: [] for p in PATHS}
             tokens = []
             for c, canvas in enumerate(ALL_CANVASES):
-                batch = batch_for(task, canvas, seed=c)
+                batch = collate(task_examples(stage, task, canvas, random.Random(c), args.batch_size, tok, model.cfg),
+                                model.cfg)
                 tokens.append(batch.ids.numel())
                 for i in range(args.repeats + 1):
                     for path in PATHS:

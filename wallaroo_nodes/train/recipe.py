@@ -607,12 +607,28 @@ def step_examples(stage: Stage, index: int, step: int, seed: int, rank: int, cou
     canvas = rng.choice(stage.canvases)
     if rank:
         rng = random.Random(step_seed + rank)  # each rank's own examples
+    return task, task_examples(stage, task, canvas, rng, count, tok, cfg)
+
+
+def task_examples(stage: Stage, task: str, canvas: tuple[int, int], rng: random.Random, count: int,
+                  tok: TextTokenizer, cfg: WallarooConfig) -> list[Example]:
+    """`count` examples of one task on one canvas, drawn as `stage` draws them."""
     uncond_prob = stage.edit_uncond_prob if task == "edit" else UNCOND_PROB
-    return task, [make_example(task, rng, tok, cfg, [canvas], uncond_prob=uncond_prob, qa_turns=stage.qa_turns,
-                               qa_kind_weights=stage.qa_kind_weights, edit_kind_weights=stage.edit_kind_weights,
-                               ground=stage.ground_weight > 0, ground_edits=stage.ground_edits,
-                               n_objects=stage_objects(stage, task, rng))
-                  for _ in range(count)]
+    return [make_example(task, rng, tok, cfg, [canvas], uncond_prob=uncond_prob, qa_turns=stage.qa_turns,
+                         qa_kind_weights=stage.qa_kind_weights, edit_kind_weights=stage.edit_kind_weights,
+                         ground=stage.ground_weight > 0, ground_edits=stage.ground_edits,
+                         n_objects=stage_objects(stage, task, rng))
+            for _ in range(count)]
+
+
+def stage_trainer(model: WallarooModel, stage: Stage) -> tuple[TrainingModel, list[nn.Parameter]]:
+    """The loss wrapper a stage trains through, and the parameters it updates (its read-out probes included)."""
+    trainer = TrainingModel(model, stage.first_cell_weight, stage.edit_start_cells, stage.ground_weight,
+                            stage.ground_head, stage.ground_readout_weight, stage.ground_two_object_weight)
+    params = trainable_parameters(model, stage.trainable)
+    if trainer.readout is not None:
+        params = params + list(trainer.readout.parameters())
+    return trainer, params
 
 
 def run_stage(index: int, stage: Stage, model: WallarooModel, tok: TextTokenizer, out: Path, seed: int,
@@ -629,13 +645,9 @@ def run_stage(index: int, stage: Stage, model: WallarooModel, tok: TextTokenizer
     if stage.ground_edits and stage.ground_weight <= 0:
         raise ValueError(f"stage {stage.name}: ground_edits adds edits to the grounding loss, so it needs "
                          f"ground_weight > 0")
-    params = trainable_parameters(model, stage.trainable)
-    training_model = TrainingModel(model, stage.first_cell_weight, stage.edit_start_cells, stage.ground_weight,
-                                   stage.ground_head, stage.ground_readout_weight,
-                                   stage.ground_two_object_weight).to(device)
+    training_model, params = stage_trainer(model, stage)
+    training_model.to(device)
     probes = training_model.readout
-    if probes is not None:
-        params = params + list(probes.parameters())
     opt = torch.optim.AdamW(params, lr=stage.lr, betas=(0.9, 0.95), weight_decay=0.01)
     start = 0
     if ckpt.exists():
@@ -928,13 +940,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.ground:
         stages = with_grounding(stages, readout_weight=1.0 if args.ground_readout else 0.0,
                                 two_object_weight=args.ground_two_objects, edits=args.ground_edits)
-    finished_before = (vq_steps_done(args.out) >= args.vq_steps + args.vq_polish_steps
-                       and all((args.out / f"stage{i}.done").exists() for i in range(len(stages))))
+    vq_done = vq_steps_done(args.out) >= args.vq_steps + args.vq_polish_steps
+    finished_before = vq_done and all((args.out / f"stage{i}.done").exists() for i in range(len(stages)))
     vq_run = (model.cfg.vq, args.vq_steps, args.out, args.seed)
     vq_kw = {"batch_size": args.vq_batch_size, "warm_steps": args.vq_warm_steps, "polish_steps": args.vq_polish_steps}
     threads = torch.get_num_threads()
     side = None
-    if rank == 0 and vq_steps_done(args.out) < args.vq_steps + args.vq_polish_steps:
+    if rank == 0 and not vq_done:
         stage0_left = not (args.out / "stage0.done").exists()
         if world == 1 and device.type == "cpu" and threads >= 2 and stage0_left and not args.no_side_vq:
             # Stage 0 (understanding) never touches the VQ, so on a CPU the two train at once, each on
