@@ -10,9 +10,9 @@ import pytest
 from PIL import Image, ImageFilter
 
 from wallaroo_nodes.shapes import (ATTRIBUTES, BACKGROUND_COLOURS, CANVAS_SIZES, EDIT_KINDS, LANGS, OBJECT_COLOURS,
-                                   POSITIONS, QA_KINDS, SHAPES, SIZES, Obj, Scene, accuracy, analyse, caption, compare,
-                                   corpus_lines, description, edit_instruction, edit_kinds, match_objects,
-                                   question_answer, render, scene_from_seed, scene_matches, vocabulary)
+                                   POSITIONS, QA_KINDS, SHAPES, SIZES, Obj, Scene, accuracy, analyse, caption,
+                                   caption_with_spans, compare, corpus_lines, description, edit_instruction, edit_kinds,
+                                   match_objects, question_answer, render, scene_from_seed, scene_matches, vocabulary)
 from wallaroo_nodes.shapes import text as text_mod
 
 N_SCENES = 500
@@ -180,6 +180,25 @@ def test_captions_name_every_attribute():
             w = text_mod.WORDS["zh"]
             assert f"{w[o.colour]}的{w[o.size]}{w[o.shape]}" in zh, (zh, o)
             assert any(p in zh for p in text_mod._PLACE["zh"][o.position]), (zh, o)
+
+
+def test_caption_spans_cover_each_objects_own_phrase_and_keep_the_caption():
+    """caption_with_spans draws what caption draws, and each span holds its object's words and no other's."""
+    for seed in range(N_SCENES):
+        s = scene_from_seed(seed, n_objects=2 if seed % 2 else None)
+        for lang in LANGS:
+            text, spans = caption_with_spans(s, lang, random.Random(seed))
+            assert text == caption(s, lang, random.Random(seed))
+            assert sorted(map(repr, (o for o, _, _ in spans))) == sorted(map(repr, s.objects))
+            ends = sorted((start, end) for _, start, end in spans)
+            assert all(a[1] < b[0] for a, b in zip(ends, ends[1:])), (text, spans)  # disjoint, in order
+            for o, start, end in spans:
+                phrase = text[start:end]
+                w = text_mod.WORDS[lang]
+                assert w[o.colour] in phrase and w[o.shape] in phrase, (text, phrase, o)
+                assert any(p in phrase for p in text_mod._PLACE[lang][o.position]), (text, phrase, o)
+                others = [x for x in s.objects if x is not o and x.colour != o.colour]
+                assert not any(w[x.colour] in phrase for x in others), (text, phrase)
 
 
 def test_answers_are_unique_functions_of_question():

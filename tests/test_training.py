@@ -16,7 +16,7 @@ from wallaroo_nodes.engine.model import WallarooModel
 from wallaroo_nodes.engine.text import TextTokenizer
 from wallaroo_nodes.engine.vq import VQModel
 from wallaroo_nodes.engine.weights import load_model
-from wallaroo_nodes.train.data import collate, make_example
+from wallaroo_nodes.train.data import READOUT_FIELDS, collate, make_example
 from wallaroo_nodes.train.recipe import (Stage, TrainingModel, build_or_resume, copy_generation_into_edit,
                                          default_stages, main,
                                          object_start_cells, region_start_cells,
@@ -909,3 +909,107 @@ def test_grounding_loss_is_minus_log_the_heads_attention_on_the_object(setup, mo
     assert set(batch.ground_query_index.tolist()) <= first_answer_tokens
     with pytest.raises(ValueError, match="not a \\(layer, head\\)"):
         TrainingModel(model, ground_head=(cfg.llm.num_layers, 0))
+
+
+@pytest.fixture(scope="module")
+def bundle():
+    """The bundled tiny model: a trained VQ draws each object's cells, so first drawn cells are real."""
+    return load_model(Path(__file__).resolve().parents[1] / "wallaroo_nodes" / "models" / "tiny", dtype=torch.float32,
+                      device="cpu")
+
+
+def caption_examples(tok, cfg, canvas: tuple[int, int], n: int) -> list:
+    """Two-object generation examples from seeds 0..n-1 with their caption grounding, captions never dropped."""
+    return [make_example("generate", random.Random(s), tok, cfg, [canvas], uncond_prob=0.0, n_objects=2,
+                         ground_captions=True) for s in range(n)]
+
+
+@pytest.mark.parametrize("canvas", [tuple(c) for c in CANVAS_SIZES])
+def test_caption_grounding_queries_each_objects_first_drawn_cell_and_keys_its_phrase(bundle, canvas):
+    from wallaroo_nodes.shapes.text import WORDS
+    from wallaroo_nodes.train.recipe import first_drawn_cell_queries
+    model, tok = bundle
+    cfg = model.cfg
+    examples = caption_examples(tok, cfg, canvas, 24)
+    for seed, e in enumerate(examples):  # recording the grounding draws nothing
+        plain = make_example("generate", random.Random(seed), tok, cfg, [canvas], uncond_prob=0.0, n_objects=2)
+        assert plain.prompt.ids == e.prompt.ids and not plain.caption_ground and len(e.caption_ground) == 2
+        text = tok.decode(e.prompt.ids)
+        for g in e.caption_ground:  # the keys are the object's own words: its colour, shape and place
+            phrase = tok.decode([e.prompt.ids[j] for j in g.phrase_positions]).strip()
+            assert phrase in text and len(phrase) > 8, (phrase, text)
+            colour = READOUT_FIELDS[2][1][g.fields[2]]
+            assert WORDS["en" if phrase.isascii() else "zh"][colour] in phrase, phrase
+    batch = collate(examples, cfg)
+    codes = model.vq.encode(batch.target_images)
+    queries = first_drawn_cell_queries(batch, codes.flatten())
+    rows, cols = codes.shape[1:]
+    targets = batch.code_target_index.view(len(examples), rows * cols)
+    pad = cfg.token_id("<|generate_image_pad|>")
+    agree = 0
+    for i, q in enumerate(queries.tolist()):
+        b = i // 2
+        assert batch.ids.flatten()[q + 1] == pad  # the position that predicts a cell
+        cell = targets[b].tolist().index(q)
+        own = codes[b].flatten()
+        touched = batch.ground_cells[i]
+        drawn = touched & (own != own[0])
+        assert touched[cell] and drawn[cell] and not drawn[:cell].any()  # the first cell the VQ drew it in
+    for b in range(len(examples)):  # where objects stand apart, object_start_cells finds the same two cells
+        starts = object_start_cells(codes[b:b + 1])[0].flatten().nonzero().flatten().tolist()
+        if len(starts) == 2:
+            agree += sorted(targets[b][starts].tolist()) == sorted(queries[2 * b:2 * b + 2].tolist())
+            assert sorted(targets[b][starts].tolist()) == sorted(queries[2 * b:2 * b + 2].tolist())
+    assert agree >= 3
+
+
+def test_caption_grounding_trains_its_own_head_and_probes_and_resumes(setup, tmp_path):
+    """Generation batches ground the caption head and read its output with probes of their own; understanding
+    batches keep the understanding head; run_stage saves and reloads the caption probes."""
+    tok, cfg = setup
+    torch.manual_seed(0)
+    model = WallarooModel(cfg).train()
+    trainer = TrainingModel(model, ground_weight=1.0, ground_readout_weight=1.0, caption_ground_weight=1.0,
+                            caption_ground_head=(1, 2))
+    assert set(trainer.probes()) == {"readout", "caption_readout"}
+    generate = collate(caption_examples(tok, cfg, (64, 64), 6), cfg)
+    understand = collate(grounded_examples(tok, cfg, (64, 64), 4), cfg)
+    with torch.no_grad():
+        _, plain = TrainingModel(model)(generate)
+        _, parts = trainer(generate)
+        _, und_parts = trainer(understand)
+    assert "ground" not in plain and parts["ground"] > 0 and parts["readout"] > 0
+    assert abs(parts["image"] - plain["image"]) < 1e-6  # the grounding adds losses, it changes no prediction
+    assert und_parts["ground"] > 0 and "image" not in und_parts
+    params = trainable_parameters(model, "all") + list(trainer.caption_readout.parameters())
+    opt = torch.optim.AdamW(params, lr=3e-3)
+    first = dict(parts)
+    for _ in range(25):
+        loss, parts = trainer(generate)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert parts["ground"] < 0.5 * first["ground"] and parts["readout"] < 0.5 * first["readout"], (first, parts)
+    stage = Stage("2-joint-pretrain", 3, 1e-3, {"generate": 1.0}, [(64, 64)], batch_size=2,
+                  caption_ground_weight=1.0)
+    run_stage(2, stage, model, tok, tmp_path, 0, torch.device("cpu"), 0, 1, log=lambda line: None,
+              precision=torch.float32)
+    saved = torch.load(tmp_path / "stage2.pt", weights_only=True)
+    assert set(saved["caption_readout"]) == set(trainer.caption_readout.state_dict()) and "readout" not in saved
+    assert not any("readout" in k for k in model.state_dict())  # never exported
+    (tmp_path / "stage2.done").unlink()
+    run_stage(2, stage, model, tok, tmp_path, 0, torch.device("cpu"), 0, 1, log=lambda line: None,
+              precision=torch.float32)  # resumes at its last step: model, probes and optimizer load
+    assert (tmp_path / "stage2.done").exists()
+
+
+def test_ground_captions_option_grounds_the_stages_that_train_generation_past_alignment(tmp_path):
+    from wallaroo_nodes.train.recipe import check_run_options, run_option_flags, with_caption_grounding
+    stages = with_caption_grounding(default_stages(), 1.5)
+    assert [s.caption_ground_weight for s in stages] == [0.0, 0.0, 1.5, 1.5, 1.5]
+    assert [s.caption_ground_weight for s in default_stages()] == [0.0] * 5
+    assert run_option_flags({"ground": True, "ground_readout": True, "ground_two_objects": 3.0,
+                             "ground_captions": 1.0}) == "--ground-captions 1"
+    check_run_options(tmp_path, {"ground": True, "ground_readout": True, "ground_captions": 1.0})
+    with pytest.raises(SystemExit, match="started with --ground-two-objects 1 --ground-captions 1 "):
+        check_run_options(tmp_path, {"ground": True, "ground_readout": True, "ground_captions": False})

@@ -172,14 +172,27 @@ def description(scene: Scene, lang: str) -> str:
 
 def caption(scene: Scene, lang: str, rng: random.Random) -> str:
     """A generation prompt naming every object's size, colour, shape and position, and the background."""
+    return caption_with_spans(scene, lang, rng)[0]
+
+
+def caption_with_spans(scene: Scene, lang: str, rng: random.Random) -> tuple[str, list[tuple[Obj, int, int]]]:
+    """`caption`'s text (same draws, so the same text) and, per object, the [start, end) characters of its phrase."""
     _check_lang(lang)
     objs = list(scene.objects)
     rng.shuffle(objs)  # order carries no meaning; positions are explicit
     phrases = [object_phrase(o, lang, rng) for o in objs]
-    joined = " and ".join(phrases) if lang == "en" else "，".join(phrases)
+    sep = " and " if lang == "en" else "，"
+    joined = sep.join(phrases)
     bg = _w(lang, scene.background)
-    text = rng.choice(_CAPTION[lang]).format(objs=joined, bg=bg, a_bg=f"{_a(bg)} {bg}", A_bg=f"{_a(bg).title()} {bg}")
-    return text[0].upper() + text[1:]
+    template = rng.choice(_CAPTION[lang])
+    text = template.format(objs=joined, bg=bg, a_bg=f"{_a(bg)} {bg}", A_bg=f"{_a(bg).title()} {bg}")
+    # "{objs}" is each template's only field before which another field could change the length
+    at = len(template[:template.index("{objs}")].format(bg=bg, a_bg=f"{_a(bg)} {bg}", A_bg=f"{_a(bg).title()} {bg}"))
+    spans = []
+    for obj, phrase in zip(objs, phrases):
+        spans.append((obj, at, at + len(phrase)))
+        at += len(phrase) + len(sep)
+    return text[0].upper() + text[1:], spans
 
 
 def question_answer(scene: Scene, lang: str, rng: random.Random, kind: str | None = None) -> tuple[str, str]:

@@ -20,7 +20,8 @@ from ..engine.config import WallarooConfig
 from ..engine.protocol import Prompt, build_edit, build_generate, build_understand, follow_up_ids
 from ..engine.text import TextTokenizer
 from ..shapes import (EDIT_KINDS, LANGS, OBJECT_COLOURS, PALETTE, POSITIONS, QA_KINDS, SHAPES, SIZES, Obj, Scene,
-                      caption, edit_instruction_about, edit_kinds, question_answer_about, random_scene, render)
+                      caption_with_spans, edit_instruction_about, edit_kinds, question_answer_about, random_scene,
+                      render)
 from ..shapes.world import render_array
 
 TASKS = ("understand", "generate", "edit")
@@ -39,6 +40,16 @@ class Grounding(NamedTuple):
     turn: int
     mask: torch.Tensor                    # (vision tokens,) bool
     fields: tuple[int, ...]               # the object's index in each READOUT_FIELDS value list
+    scene_objects: int
+
+
+class CaptionGrounding(NamedTuple):
+    """One object of a generation caption: the image cells it touches (raster order), the prompt positions of the
+    caption phrase that describes it, its READOUT_FIELDS, and its scene's object count."""
+
+    cells: torch.Tensor                   # (rows * cols,) bool
+    phrase_positions: list[int]
+    fields: tuple[int, ...]
     scene_objects: int
 
 
@@ -62,6 +73,8 @@ class Example:
     pixel_source: torch.Tensor | None = None                  # edit: (1, 3, H, W) VQ input in [-1, 1]
     # understand, with `ground`: per answer that names one object, where and what that object is
     ground: list[Grounding] = field(default_factory=list)
+    # generate, with `ground_captions`: per object of the caption, where it starts and which words describe it
+    caption_ground: list[CaptionGrounding] = field(default_factory=list)
 
 
 def _weighted_kind(rng: random.Random, kinds: tuple[str, ...], weights: dict[str, float]) -> str:
@@ -69,14 +82,44 @@ def _weighted_kind(rng: random.Random, kinds: tuple[str, ...], weights: dict[str
     return rng.choices(kinds, [weights.get(k, 1.0) for k in kinds])[0]
 
 
-def object_token_mask(scene: Scene, obj: Obj, grid: tuple[int, int, int], merge: int) -> torch.Tensor:
-    """(vision tokens,) bool: the merged vision tokens (raster order) that show some of `obj`'s pixels."""
+def object_cell_mask(scene: Scene, obj: Obj, rows: int, cols: int, min_share: float = 0.05) -> torch.Tensor:
+    """(rows * cols,) bool: which cells of a rows x cols grid over the canvas (raster order) have more than
+    `min_share` of their area covered by `obj`."""
     alone = render_array(Scene(scene.canvas, scene.background, (obj,))).astype(np.int16)
     background = np.array(PALETTE[scene.background], dtype=np.int16)
     on = torch.from_numpy((np.abs(alone - background).sum(-1) > 30).astype(np.float32))[None, None]
-    rows, cols = grid[1] // merge, grid[2] // merge
-    # Share of each token's area the object covers; a sliver under 5% is antialiasing, not the object.
-    return (F.adaptive_avg_pool2d(on, (rows, cols)) > 0.05).flatten()
+    return (F.adaptive_avg_pool2d(on, (rows, cols)) > min_share).flatten()
+
+
+def object_token_mask(scene: Scene, obj: Obj, grid: tuple[int, int, int], merge: int) -> torch.Tensor:
+    """(vision tokens,) bool: the merged vision tokens (raster order) that show some of `obj`'s pixels."""
+    # A sliver under 5% of a token is antialiasing, not the object.
+    return object_cell_mask(scene, obj, grid[1] // merge, grid[2] // merge)
+
+
+def text_token_positions(tok: TextTokenizer, prompt: Prompt, text: str,
+                         spans: list[tuple[int, int]]) -> list[list[int]]:
+    """Per [start, end) character span of `text` (which the prompt holds once), the prompt positions of the
+    tokens that overlap it."""
+    full = tok.decode(prompt.ids, skip_special=False)
+    encoding = tok.tokenizer.encode(full, add_special_tokens=False)
+    if encoding.ids != list(prompt.ids) or full.count(text) != 1:
+        raise ValueError(f"cannot find {text!r} in the prompt's tokens once")
+    at = full.index(text)
+    return [[j for j, (a, b) in enumerate(encoding.offsets) if a < at + end and b > at + start]
+            for start, end in spans]
+
+
+def caption_grounding(tok: TextTokenizer, cfg: WallarooConfig, prompt: Prompt, scene: Scene, text: str,
+                      spans: list[tuple[Obj, int, int]]) -> list[CaptionGrounding]:
+    """The CaptionGrounding of each object a generation caption describes (`caption_with_spans`' spans)."""
+    ds = cfg.vq.downsample
+    rows, cols = scene.canvas[0] // ds, scene.canvas[1] // ds
+    positions = text_token_positions(tok, prompt, text, [(start, end) for _, start, end in spans])
+    # Every cell the object touches: the VQ codes even a tip's few pixels, and that cell is where the model first
+    # draws the object (the trainer takes the first of these whose code is not the background's).
+    return [CaptionGrounding(object_cell_mask(scene, obj, rows, cols, min_share=0.0), phrase, readout_fields(obj),
+                             len(scene.objects)) for (obj, _, _), phrase in zip(spans, positions)]
 
 
 def grounding(turn: int, scene: Scene, obj: Obj, grid: tuple[int, int, int], cfg: WallarooConfig) -> Grounding:
@@ -89,7 +132,7 @@ def make_example(task: str, rng: random.Random, tok: TextTokenizer, cfg: Wallaro
                  canvases: list[tuple[int, int]], uncond_prob: float = UNCOND_PROB, qa_turns: int = 1,
                  n_objects: int | None = None, qa_kind_weights: dict[str, float] | None = None,
                  edit_kind_weights: dict[str, float] | None = None, ground: bool = False,
-                 ground_edits: bool = False) -> Example:
+                 ground_edits: bool = False, ground_captions: bool = False) -> Example:
     """A random example of a task on one of the given canvases; prompts are dropped for CFG with uncond_prob.
 
     `n_objects` fixes the scene's object count (1 or 2); None draws it.
@@ -98,7 +141,8 @@ def make_example(task: str, rng: random.Random, tok: TextTokenizer, cfg: Wallaro
     Understanding examples ask `qa_turns` questions about the image in one chat: every answer is a training
     target for the price of one pass through the vision tower. With `ground`, each answer about one object
     also records the vision tokens that show it (`Example.ground`); with `ground_edits` so does each edit
-    instruction that names an object of the source. The draws are the same either way.
+    instruction that names an object of the source, and with `ground_captions` each object a generation caption
+    describes (`Example.caption_ground`). The draws are the same either way.
     """
     for name, weights, kinds in (("qa_kind_weights", qa_kind_weights, QA_KINDS),
                                  ("edit_kind_weights", edit_kind_weights, EDIT_KINDS)):
@@ -139,9 +183,10 @@ def make_example(task: str, rng: random.Random, tok: TextTokenizer, cfg: Wallaro
         return Example(task, prompt, answer_ids=ids, answer_is_target=targets, source_image=image, vision_grid=grid,
                        vision_patches=patches, ground=grounds)
     if task == "generate":
-        text = "" if rng.random() < uncond_prob else caption(scene, lang, rng)
+        text, spans = ("", []) if rng.random() < uncond_prob else caption_with_spans(scene, lang, rng)
         prompt = build_generate(tok, cfg, text, canvas, lang=lang)
-        return Example(task, prompt, target_image=render(scene))
+        grounds = caption_grounding(tok, cfg, prompt, scene, text, spans) if ground_captions and spans else []
+        return Example(task, prompt, target_image=render(scene), caption_ground=grounds)
     if task == "edit":
         # kind None: the uniform draw earlier runs' data orders were made with
         kind = None if edit_kind_weights is None else _weighted_kind(rng, edit_kinds(scene), edit_kind_weights)
@@ -182,11 +227,17 @@ class Batch:
     # Grounding (examples made with `ground` or `ground_edits`): per answer about one object, the flat index of
     # the position that predicts its first token, its row's vision slots (positions in the row) and which of them
     # show the object; per edit that names an object, the same from the position that predicts the first code.
+    # Generation batches (`ground_captions`): per object of a caption, the position that predicts the object's
+    # first cell, and as keys its phrase's positions (right-padded, the padding not a target).
     ground_query_index: torch.Tensor | None = None   # (Q,)
-    ground_key_index: torch.Tensor | None = None     # (Q, vision tokens)
-    ground_target: torch.Tensor | None = None        # (Q, vision tokens) bool
+    ground_key_index: torch.Tensor | None = None     # (Q, keys)
+    ground_target: torch.Tensor | None = None        # (Q, keys) bool
     ground_fields: torch.Tensor | None = None        # (Q, len(READOUT_FIELDS)) the named object's value indices
     ground_scene_objects: torch.Tensor | None = None  # (Q,) objects in the answer's scene
+    # Generation batches: per query, the cells its object touches and the index in code_target_index of its
+    # example's first cell (the trainer sets ground_query_index from them and the target's codes).
+    ground_cells: torch.Tensor | None = None          # (Q, rows * cols) bool
+    ground_cell_base: torch.Tensor | None = None      # (Q,)
 
 
 def collate(examples: list[Example], cfg: WallarooConfig) -> Batch:
@@ -198,6 +249,7 @@ def collate(examples: list[Example], cfg: WallarooConfig) -> Batch:
     rows_ids, rows_pos = [], []
     vision_idx, pixel_idx, code_in, code_tgt, text_tgt, text_y = [], [], [], [], [], []
     ground_q, ground_k, ground_t, ground_f, ground_n = [], [], [], [], []
+    ground_cells, ground_cell_base = [], []
     seqs = []
     for e in examples:
         ids = list(e.prompt.ids)
@@ -235,6 +287,16 @@ def collate(examples: list[Example], cfg: WallarooConfig) -> Batch:
                 ground_t.append(mask)
                 ground_f.append(fields)
                 ground_n.append(scene_objects)
+        for cells, phrase, fields, scene_objects in e.caption_ground:
+            # The query (the position predicting the object's first drawn cell) needs the VQ's codes: the trainer
+            # finds it from the cells and where this example's code targets begin.
+            ground_q.append(-1)
+            ground_cells.append(cells)
+            ground_cell_base.append(len(code_tgt))
+            ground_k.append(phrase)
+            ground_t.append(torch.ones(len(phrase), dtype=torch.bool))
+            ground_f.append(fields)
+            ground_n.append(scene_objects)
         for j, t in enumerate(cont):
             at = n_prompt + j
             if task == "understand":
@@ -253,6 +315,10 @@ def collate(examples: list[Example], cfg: WallarooConfig) -> Batch:
         return torch.tensor(values, dtype=torch.long) if values else None
 
     with_vision = [e for e in examples if e.vision_patches is not None]
+    if task == "generate" and ground_t:  # phrases differ in length: pad, never a target
+        width = max(len(t) for t in ground_t)
+        ground_k = [list(k) + [0] * (width - len(k)) for k in ground_k]
+        ground_t = [F.pad(t, (0, width - len(t))) for t in ground_t]
     return Batch(
         task=task, ids=ids, valid=valid, position_ids=torch.stack(rows_pos, dim=1),
         vision_patches=torch.cat([e.vision_patches for e in with_vision]) if with_vision else None,
@@ -267,4 +333,5 @@ def collate(examples: list[Example], cfg: WallarooConfig) -> Batch:
         ground_query_index=idx(ground_q), ground_key_index=idx(ground_k),
         ground_target=torch.stack(ground_t) if ground_t else None,
         ground_fields=torch.tensor(ground_f, dtype=torch.long) if ground_f else None,
-        ground_scene_objects=idx(ground_n))
+        ground_scene_objects=idx(ground_n),
+        ground_cells=torch.stack(ground_cells) if ground_cells else None, ground_cell_base=idx(ground_cell_base))

@@ -103,6 +103,14 @@ class Stage:
     # at twice the run without it, from every code or from the first (forty-fourth and forty-fifth runs,
     # docs/tiny_model_runs.md). Needs ground_weight.
     ground_edits: bool = False
+    # Weight of caption grounding in generation batches: from the position that predicts each object's first cell,
+    # head `caption_ground_head` is taught to look at the caption phrase that describes the object, and probes
+    # must read the object's place, shape, colour and size from that head's output. Two-object prompts drew the
+    # right colours on the wrong objects (swapped: 11 of 24 images of the fifty-second run's stage 3): the cell
+    # must find its own object's words. 0: off. A head of the other key/value group than `ground_head`'s, so the
+    # two lookups (vision tokens, caption words) do not share keys.
+    caption_ground_weight: float = 0.0
+    caption_ground_head: tuple[int, int] = (2, 2)
     # Added to the run's --seed for this stage's data: the bundle's stages 2-4 drew their examples from the
     # next seed after stages 0-1 (twentieth run, docs/tiny_model_runs.md), so one command draws that data order.
     seed_offset: int = 0
@@ -140,6 +148,12 @@ def default_stages(scale: float = 1.0) -> list[Stage]:
               edit_from_generation=True, first_cell_weight=FIRST_CELL_WEIGHT, edit_start_cells="objects+changes",
               edit_objects=(1, 2, 2), edit_kind_weights=STAGE4_EDIT_KIND_WEIGHTS, seed_offset=1),
     ]
+
+
+def with_caption_grounding(stages: list[Stage], weight: float) -> list[Stage]:
+    """The stages with caption grounding at `weight` wherever they train generation with the LLM unfrozen."""
+    return [replace(s, caption_ground_weight=weight) if "generate" in s.tasks and s.trainable != "align" else s
+            for s in stages]
 
 
 def with_grounding(stages: list[Stage], weight: float = 1.0, readout_weight: float = 0.0,
@@ -257,6 +271,17 @@ def grounding_loss(q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor,
     return weighted_mean(log_all - on_object, weights)
 
 
+def first_drawn_cell_queries(batch: Batch, codes: torch.Tensor) -> torch.Tensor:
+    """Flat positions predicting each caption-grounded object's first drawn cell: the first cell it touches whose
+    code is not its image's background code (the top-left cell's); a cell it touches if the VQ drew none."""
+    cells = batch.ground_cells.to(codes.device)
+    base = batch.ground_cell_base.to(codes.device)
+    own = codes[base[:, None] + torch.arange(cells.shape[1], device=codes.device)]  # (Q, cells)
+    drawn = cells & (own != own[:, :1])
+    first = torch.where(drawn.any(1), drawn.float().argmax(1), cells.float().argmax(1))
+    return batch.code_target_index.to(codes.device)[base + first]
+
+
 def weighted_mean(values: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
     """Mean of `values`, each counted `weights` times (None: plain mean)."""
     return values.mean() if weights is None else (weights * values).sum() / weights.sum()
@@ -267,16 +292,17 @@ class TrainingModel(nn.Module):
 
     def __init__(self, model: WallarooModel, first_cell_weight: float = 1.0, edit_start_cells: str = "none",
                  ground_weight: float = 0.0, ground_head: tuple[int, int] = (2, 0), ground_readout_weight: float = 0.0,
-                 ground_two_object_weight: float = 1.0):
+                 ground_two_object_weight: float = 1.0, caption_ground_weight: float = 0.0,
+                 caption_ground_head: tuple[int, int] = (2, 2)):
         super().__init__()
         if ground_readout_weight > 0 and ground_weight <= 0:
             raise ValueError("ground_readout_weight reads the grounded head, so it needs ground_weight > 0")
         if edit_start_cells not in ("none", "objects", "objects+changes"):
             raise ValueError(f"unknown edit_start_cells {edit_start_cells!r}")
-        layer, head = ground_head
-        if not (0 <= layer < model.cfg.llm.num_layers and 0 <= head < model.cfg.llm.num_heads):
-            raise ValueError(f"ground_head {ground_head} is not a (layer, head) of this "
-                             f"{model.cfg.llm.num_layers}-layer, {model.cfg.llm.num_heads}-head LLM")
+        for name, (layer, head) in (("ground_head", ground_head), ("caption_ground_head", caption_ground_head)):
+            if not (0 <= layer < model.cfg.llm.num_layers and 0 <= head < model.cfg.llm.num_heads):
+                raise ValueError(f"{name} {(layer, head)} is not a (layer, head) of this "
+                                 f"{model.cfg.llm.num_layers}-layer, {model.cfg.llm.num_heads}-head LLM")
         self.model = model
         self.first_cell_weight = first_cell_weight
         self.edit_start_cells = edit_start_cells
@@ -287,6 +313,22 @@ class TrainingModel(nn.Module):
         # Training-only probes (not in the model, so not exported); their state rides in the stage checkpoint.
         self.readout = nn.ModuleList(nn.Linear(model.cfg.llm.head_dim, len(values)) for _, values in READOUT_FIELDS) \
             if ground_readout_weight > 0 else None
+        self.caption_ground_weight = caption_ground_weight
+        self.caption_ground_head = caption_ground_head
+        self.caption_readout = nn.ModuleList(nn.Linear(model.cfg.llm.head_dim, len(values))
+                                             for _, values in READOUT_FIELDS) if caption_ground_weight > 0 else None
+
+    def probes(self) -> dict[str, nn.ModuleList]:
+        """The training-only read-out probes this trainer has, by checkpoint key."""
+        return {k: v for k, v in (("readout", self.readout), ("caption_readout", self.caption_readout))
+                if v is not None}
+
+    def grounding_setup(self, kind: str) -> tuple[float, tuple[int, int], float, nn.ModuleList | None]:
+        """For a batch of `kind`: the grounding loss's weight, its head, the read-out's weight and its probes."""
+        if kind == "generate":
+            return self.caption_ground_weight, self.caption_ground_head, self.caption_ground_weight, \
+                self.caption_readout
+        return self.ground_weight, self.ground_head, self.ground_readout_weight, self.readout
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         m, dev = self.model, self.model.device
@@ -319,14 +361,17 @@ class TrainingModel(nn.Module):
                     weights = 1.0 + (self.first_cell_weight - 1.0) * starts.flatten().float()
             fed = m.input_adapter(kind)(m.vq.codebook_entries(codes))
             flat = flat.index_copy(0, batch.code_input_index.to(dev), fed)
-        grounding = self.ground_weight > 0 and batch.ground_query_index is not None
+        ground_weight, ground_head, readout_weight, probes = self.grounding_setup(batch.task)
+        grounding = ground_weight > 0 and batch.ground_query_index is not None
+        if grounding and batch.ground_cells is not None:
+            batch = replace(batch, ground_query_index=first_drawn_cell_queries(batch, codes))
         captured: dict[str, torch.Tensor] = {}
         hooks = []
         if grounding:
-            attn = m.model.layers[self.ground_head[0]].self_attn
+            attn = m.model.layers[ground_head[0]].self_attn
             hooks = [attn.q_proj.register_forward_hook(lambda mod, inp, out: captured.__setitem__("q", out)),
                      attn.k_proj.register_forward_hook(lambda mod, inp, out: captured.__setitem__("k", out))]
-            if self.readout is not None:  # o_proj's input: the heads' outputs side by side
+            if probes is not None:  # o_proj's input: the heads' outputs side by side
                 hooks.append(attn.o_proj.register_forward_pre_hook(
                     lambda mod, inp: captured.__setitem__("heads", inp[0])))
         try:
@@ -340,13 +385,14 @@ class TrainingModel(nn.Module):
         if grounding:
             answer_weights = self.grounded_answer_weights(batch)
             ground_loss = grounding_loss(captured["q"], captured["k"], batch.position_ids.to(dev), m,
-                                         self.ground_head[1], batch.ground_query_index.to(dev),
+                                         ground_head[1], batch.ground_query_index.to(dev),
                                          batch.ground_key_index.to(dev), batch.ground_target.to(dev), answer_weights)
-            loss = loss + self.ground_weight * ground_loss
+            loss = loss + ground_weight * ground_loss
             parts["ground"] = ground_loss.item()
-            if self.readout is not None:
-                readout_loss = self.grounded_readout_loss(captured["heads"], batch, answer_weights)
-                loss = loss + self.ground_readout_weight * readout_loss
+            if probes is not None:
+                readout_loss = self.grounded_readout_loss(captured["heads"], batch, probes, ground_head[1],
+                                                          answer_weights)
+                loss = loss + readout_weight * readout_loss
                 parts["readout"] = readout_loss.item()
         if batch.text_target_index is not None:
             logits = m.lm_head(hidden[batch.text_target_index.to(dev)])
@@ -371,17 +417,16 @@ class TrainingModel(nn.Module):
         two = batch.ground_scene_objects.to(self.model.device) > 1
         return torch.where(two, self.ground_two_object_weight, 1.0)
 
-    def grounded_readout_loss(self, heads: torch.Tensor, batch: Batch,
+    def grounded_readout_loss(self, heads: torch.Tensor, batch: Batch, probes: nn.ModuleList, head: int,
                               weights: torch.Tensor | None = None) -> torch.Tensor:
-        """Cross-entropy of the read-out probes on the grounded head's output at each answer start, summed over
-        READOUT_FIELDS."""
+        """Cross-entropy of the read-out probes on the grounded head's output at each grounded query (an answer's
+        start, an edit's or a generated object's first cell), summed over READOUT_FIELDS."""
         c = self.model.cfg.llm
-        head = self.ground_head[1]
         at = heads.reshape(-1, heads.shape[-1])[batch.ground_query_index.to(heads.device)]
         out = at[:, head * c.head_dim:(head + 1) * c.head_dim].float()
         fields = batch.ground_fields.to(heads.device)
         return sum(weighted_mean(F.cross_entropy(probe(out), fields[:, i], reduction="none"), weights)
-                   for i, probe in enumerate(self.readout))
+                   for i, probe in enumerate(probes))
 
 
 def training_precision(device: torch.device) -> torch.dtype:
@@ -617,17 +662,18 @@ def task_examples(stage: Stage, task: str, canvas: tuple[int, int], rng: random.
     return [make_example(task, rng, tok, cfg, [canvas], uncond_prob=uncond_prob, qa_turns=stage.qa_turns,
                          qa_kind_weights=stage.qa_kind_weights, edit_kind_weights=stage.edit_kind_weights,
                          ground=stage.ground_weight > 0, ground_edits=stage.ground_edits,
-                         n_objects=stage_objects(stage, task, rng))
+                         ground_captions=stage.caption_ground_weight > 0, n_objects=stage_objects(stage, task, rng))
             for _ in range(count)]
 
 
 def stage_trainer(model: WallarooModel, stage: Stage) -> tuple[TrainingModel, list[nn.Parameter]]:
     """The loss wrapper a stage trains through, and the parameters it updates (its read-out probes included)."""
     trainer = TrainingModel(model, stage.first_cell_weight, stage.edit_start_cells, stage.ground_weight,
-                            stage.ground_head, stage.ground_readout_weight, stage.ground_two_object_weight)
+                            stage.ground_head, stage.ground_readout_weight, stage.ground_two_object_weight,
+                            stage.caption_ground_weight, stage.caption_ground_head)
     params = trainable_parameters(model, stage.trainable)
-    if trainer.readout is not None:
-        params = params + list(trainer.readout.parameters())
+    for probes in trainer.probes().values():
+        params = params + list(probes.parameters())
     return trainer, params
 
 
@@ -647,14 +693,14 @@ def run_stage(index: int, stage: Stage, model: WallarooModel, tok: TextTokenizer
                          f"ground_weight > 0")
     training_model, params = stage_trainer(model, stage)
     training_model.to(device)
-    probes = training_model.readout
+    probes = training_model.probes()
     opt = torch.optim.AdamW(params, lr=stage.lr, betas=(0.9, 0.95), weight_decay=0.01)
     start = 0
     if ckpt.exists():
         state = torch.load(ckpt, map_location=device, weights_only=True)
         load_training_state(model, state["model"])
-        if probes is not None:
-            probes.load_state_dict(state["readout"])
+        for key, module in probes.items():
+            module.load_state_dict(state[key])
         opt.load_state_dict(state["optimizer"])
         start = state["step"]
     elif stage.edit_from_generation:
@@ -689,7 +735,7 @@ def run_stage(index: int, stage: Stage, model: WallarooModel, tok: TextTokenizer
         bar.set_postfix({**{k: f"{v:.3f}" for k, v in ema.items()}, "samples/s": f"{seen / (time.time() - t0):.1f}"}, refresh=False)
         if rank == 0 and (time.time() - last_save > SAVE_EVERY_S or step + 1 == stage.steps):
             last_save = time.time()
-            extra = {"readout": probes.state_dict()} if probes is not None else {}
+            extra = {key: module.state_dict() for key, module in probes.items()}
             save_checkpoint({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step + 1, **extra},
                             ckpt)
             log(json.dumps({"stage": stage.name, "step": step + 1, **{k: round(v, 4) for k, v in ema.items()},
@@ -748,6 +794,8 @@ def run_option_flags(options: dict[str, bool | float]) -> str:
         if weight != GROUND_TWO_OBJECTS:
             flags.append(f"--ground-two-objects {weight:g}")
         flags += ["--ground-edits"] if options.get("ground_edits", False) else []
+    if options.get("ground_captions", False):
+        flags.append(f"--ground-captions {options['ground_captions']:g}")
     flags += ["--" + k.replace("_", "-") for k in sorted(options) if not k.startswith("ground") and options[k] is True]
     return " ".join(flags)
 
@@ -904,6 +952,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ground-edits", action="store_true",
                         help="with --ground, edits that name an object are grounded too, from the position that "
                              "predicts their first code (forty-fifth run)")
+    parser.add_argument("--ground-captions", type=float, default=0.0, metavar="W",
+                        help="caption grounding at weight W in every stage that trains generation past alignment: "
+                             "each generated object's first cell looks up its caption phrase (fifty-fourth run; "
+                             "0 = off)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
     parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
@@ -934,12 +986,15 @@ def main(argv: list[str] | None = None) -> int:
                                      "ground_edits": args.ground_edits,
                                      # recorded only when set, so folders from before the option resume
                                      "ground_two_objects": args.ground_two_objects if args.ground_two_objects != 1.0
-                                     else False})
+                                     else False,
+                                     "ground_captions": args.ground_captions or False})
     model, tok = build_or_resume(args.out, args.seed, device, rank, mrope_interleaved=args.mrope_interleaved)
     stages = [replace(s, batch_size=args.batch_size) if args.batch_size else s for s in default_stages(args.scale)]
     if args.ground:
         stages = with_grounding(stages, readout_weight=1.0 if args.ground_readout else 0.0,
                                 two_object_weight=args.ground_two_objects, edits=args.ground_edits)
+    if args.ground_captions:
+        stages = with_caption_grounding(stages, args.ground_captions)
     vq_done = vq_steps_done(args.out) >= args.vq_steps + args.vq_polish_steps
     finished_before = vq_done and all((args.out / f"stage{i}.done").exists() for i in range(len(stages)))
     vq_run = (model.cfg.vq, args.vq_steps, args.out, args.seed)
