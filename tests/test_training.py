@@ -333,8 +333,9 @@ def test_recipe_trains_data_parallel_under_torchrun(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert [e["world_size"] for e in log if e.get("event") == "started"] == [2]
-    # The recipe grounds by default, as the bundle was trained (forty-third run).
-    assert json.loads((out / "options.json").read_text())["ground_two_objects"] == 3.0
+    # The recipe grounds answers by default, as the bundle was trained (forty-third run), and captions (fifty-fifth).
+    options = json.loads((out / "options.json").read_text())
+    assert options["ground_two_objects"] == 3.0 and options["ground_captions"] == 1.0
     assert all((out / f"stage{i}.done").exists() for i in range(5))
     assert log[-1].get("event") == "finished"
     model, _ = load_model(export, dtype="fp32", device="cpu")
@@ -674,12 +675,12 @@ def test_a_resume_must_repeat_the_run_options(tmp_path):
     assert json.loads((tmp_path / "options.json").read_text()) == {"vision_find": False, "mrope_interleaved": True}
     # The message gives the flags that repeat the recorded options, against the defaults (grounded since the
     # forty-third run): a folder from before grounding resumes with --no-ground.
-    with pytest.raises(SystemExit, match="started with --no-ground --mrope-interleaved "):
+    with pytest.raises(SystemExit, match="started with --no-ground --ground-captions 0 --mrope-interleaved "):
         check_run_options(tmp_path, {"vision_find": False, "mrope_interleaved": True, "ground": True})
     weighted = tmp_path / "weighted"
     weighted.mkdir()
     check_run_options(weighted, {"ground": True, "ground_readout": True, "ground_two_objects": 2.0})
-    with pytest.raises(SystemExit, match="started with --ground-two-objects 2 "):
+    with pytest.raises(SystemExit, match="started with --ground-two-objects 2 --ground-captions 0 "):
         check_run_options(weighted, {"ground": True, "ground_readout": True, "ground_two_objects": 3.0})
     # A folder with stages trained before folders recorded options had them all off: resuming it on the defaults
     # stops instead of grounding its later stages.
@@ -690,9 +691,12 @@ def test_a_resume_must_repeat_the_run_options(tmp_path):
         check_run_options(old, {"vision_find": False, "ground": True, "ground_readout": True})
     check_run_options(old, {"vision_find": False, "ground": False, "ground_readout": False})
     from wallaroo_nodes.train.recipe import run_option_flags
-    assert run_option_flags({"ground": True, "ground_readout": True, "ground_two_objects": 3.0}) == ""
+    assert run_option_flags({"ground": True, "ground_readout": True, "ground_two_objects": 3.0,
+                             "ground_captions": 1.0}) == ""
+    # A folder from before caption grounding (fifty-fifth run) records none and resumes with it off.
     assert run_option_flags({"ground": True, "ground_readout": False, "ground_two_objects": False,
-                             "ground_edits": True}) == "--no-ground-readout --ground-two-objects 1 --ground-edits"
+                             "ground_edits": True}) == ("--no-ground-readout --ground-two-objects 1 --ground-edits "
+                                                        "--ground-captions 0")
 
 
 def test_ground_option_weighs_every_stage_that_trains_understanding_and_no_other():
@@ -1009,7 +1013,9 @@ def test_ground_captions_option_grounds_the_stages_that_train_generation_past_al
     assert [s.caption_ground_weight for s in stages] == [0.0, 0.0, 1.5, 1.5, 1.5]
     assert [s.caption_ground_weight for s in default_stages()] == [0.0] * 5
     assert run_option_flags({"ground": True, "ground_readout": True, "ground_two_objects": 3.0,
-                             "ground_captions": 1.0}) == "--ground-captions 1"
-    check_run_options(tmp_path, {"ground": True, "ground_readout": True, "ground_captions": 1.0})
-    with pytest.raises(SystemExit, match="started with --ground-two-objects 1 --ground-captions 1 "):
-        check_run_options(tmp_path, {"ground": True, "ground_readout": True, "ground_captions": False})
+                             "ground_captions": 0.5}) == "--ground-captions 0.5"
+    check_run_options(tmp_path, {"ground": True, "ground_readout": True, "ground_two_objects": 3.0,
+                                 "ground_captions": 1.0})
+    with pytest.raises(SystemExit, match="started with no option flags "):  # the defaults
+        check_run_options(tmp_path, {"ground": True, "ground_readout": True, "ground_two_objects": 3.0,
+                                     "ground_captions": False})

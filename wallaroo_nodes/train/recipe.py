@@ -47,6 +47,8 @@ FIRST_CELL_WEIGHT = 4.0
 STAGE4_EDIT_KIND_WEIGHTS = {"move": 2.0, "recolour": 1.5, "reshape": 1.25, "background": 0.5}
 # How many times `--ground` counts an answer about one of two objects (Stage.ground_two_object_weight says why).
 GROUND_TWO_OBJECTS = 3.0
+# Weight of caption grounding (Stage.caption_ground_weight) in the recipe's stages 2-4: `--ground-captions`'s default.
+GROUND_CAPTIONS = 1.0
 
 
 @dataclass
@@ -794,8 +796,9 @@ def run_option_flags(options: dict[str, bool | float]) -> str:
         if weight != GROUND_TWO_OBJECTS:
             flags.append(f"--ground-two-objects {weight:g}")
         flags += ["--ground-edits"] if options.get("ground_edits", False) else []
-    if options.get("ground_captions", False):
-        flags.append(f"--ground-captions {options['ground_captions']:g}")
+    captions = options.get("ground_captions", False) or 0.0
+    if captions != GROUND_CAPTIONS:
+        flags.append(f"--ground-captions {captions:g}")
     flags += ["--" + k.replace("_", "-") for k in sorted(options) if not k.startswith("ground") and options[k] is True]
     return " ".join(flags)
 
@@ -952,10 +955,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ground-edits", action="store_true",
                         help="with --ground, edits that name an object are grounded too, from the position that "
                              "predicts their first code (forty-fifth run)")
-    parser.add_argument("--ground-captions", type=float, default=0.0, metavar="W",
+    parser.add_argument("--ground-captions", type=float, default=GROUND_CAPTIONS, metavar="W",
                         help="caption grounding at weight W in every stage that trains generation past alignment: "
-                             "each generated object's first cell looks up its caption phrase (fifty-fourth run; "
-                             "0 = off)")
+                             "each generated object's first drawn cell looks up its caption phrase (fifty-fifth run; "
+                             f"default {GROUND_CAPTIONS:g}; 0 = off, the recipe before it)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
     parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
