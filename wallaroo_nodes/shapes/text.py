@@ -185,9 +185,9 @@ def caption_with_spans(scene: Scene, lang: str, rng: random.Random) -> tuple[str
     joined = sep.join(phrases)
     bg = _w(lang, scene.background)
     template = rng.choice(_CAPTION[lang])
-    text = template.format(objs=joined, bg=bg, a_bg=f"{_a(bg)} {bg}", A_bg=f"{_a(bg).title()} {bg}")
-    # "{objs}" is each template's only field before which another field could change the length
-    at = len(template[:template.index("{objs}")].format(bg=bg, a_bg=f"{_a(bg)} {bg}", A_bg=f"{_a(bg).title()} {bg}"))
+    background = {"bg": bg, "a_bg": f"{_a(bg)} {bg}", "A_bg": f"{_a(bg).title()} {bg}"}
+    text = template.format(objs=joined, **background)
+    at = len(template[:template.index("{objs}")].format(**background))  # where the first phrase starts
     spans = []
     for obj, phrase in zip(objs, phrases):
         spans.append((obj, at, at + len(phrase)))
