@@ -396,7 +396,7 @@ def test_question_answer_about_names_the_object_its_answer_is_about():
 
 
 def test_edit_instruction_about_names_the_source_object_it_changes():
-    from wallaroo_nodes.shapes import edit_instruction_about
+    from wallaroo_nodes.shapes import edit_instruction_about, edit_instruction_with_span
     kinds_named = Counter()
     for seed in range(300):
         scene = scene_from_seed(seed)
@@ -406,9 +406,20 @@ def test_edit_instruction_about_names_the_source_object_it_changes():
         instruction, target = edit_instruction(scene, lang, random.Random(seed), kind)
         instruction2, target2, obj = edit_instruction_about(scene, lang, random.Random(seed), kind)
         assert (instruction, target) == (instruction2, target2)  # the same draws
+        assert edit_instruction_with_span(scene, lang, random.Random(seed), kind)[:3] == (instruction, target, obj)
+        span = edit_instruction_with_span(scene, lang, random.Random(seed), kind)[3]
         if kind in ("add", "background"):
-            assert obj is None
+            assert obj is None and span is None
             continue
+        # the span is where the template's {ref} went, and the reference names only the object's own colour/shape
+        phrase, before, after = instruction[span[0]:span[1]], instruction[:span[0]], instruction[span[1]:]
+        fits = [t for t in text_mod._EDIT[lang][kind] if t.split("{ref}")[0].lower() == before.lower()
+                and re.fullmatch(re.escape(t.split("{ref}")[1]).replace(re.escape("{new}"), ".+"), after)]
+        assert fits and phrase and phrase.strip() == phrase, (instruction, phrase)
+        words = text_mod.WORDS[lang]
+        for attr, values in (("colour", OBJECT_COLOURS), ("shape", SHAPES)):
+            named = [v for v in values if words[v] in phrase]
+            assert named in ([], [getattr(obj, attr)]), (instruction, phrase, obj)
         kinds_named[kind] += 1
         assert obj in scene.objects
         # the named object is the one the edit changes: it is gone from the target, the others stay

@@ -1007,6 +1007,97 @@ def test_caption_grounding_trains_its_own_head_and_probes_and_resumes(setup, tmp
     assert (tmp_path / "stage2.done").exists()
 
 
+def named_edit_examples(tok, cfg, canvas: tuple[int, int], n: int) -> list:
+    """Edits from seeds 0..n-1 with the words naming their object recorded (`ground_edit_refs`)."""
+    return [make_example("edit", random.Random(s), tok, cfg, [canvas], uncond_prob=0.1, ground_edit_refs=True,
+                         edit_kind_weights={"add": 0.3, "background": 0.3}) for s in range(n)]
+
+
+@pytest.mark.parametrize("canvas", [(64, 64), (48, 80)])
+def test_edit_ref_grounding_queries_the_named_objects_first_changed_cell_and_keys_its_words(bundle, canvas):
+    """--ground-edit-refs: an edit naming a source object grounds the position that predicts the first cell of that
+    object the edit changes on the instruction's words for it; the draws are the ones made without it."""
+    from wallaroo_nodes.shapes import LANGS, SHAPES, OBJECT_COLOURS
+    from wallaroo_nodes.shapes.text import WORDS
+    from wallaroo_nodes.train.data import object_cell_mask
+    from wallaroo_nodes.train.recipe import first_drawn_cell_queries
+    model, tok = bundle
+    cfg = model.cfg
+    examples = named_edit_examples(tok, cfg, canvas, 40)
+    named, scenes = [], []
+    for seed, e in enumerate(examples):
+        plain = make_example("edit", random.Random(seed), tok, cfg, [canvas], uncond_prob=0.1,
+                             edit_kind_weights={"add": 0.3, "background": 0.3})
+        assert plain.prompt.ids == e.prompt.ids and not plain.caption_ground and not e.ground
+        assert (np.asarray(plain.target_image) == np.asarray(e.target_image)).all()
+        rng = random.Random(seed)  # replay the draws to learn the source scene
+        rng.choice([canvas])
+        lang = rng.choice(LANGS)
+        scene = random_scene(rng, canvas=canvas)
+        if not e.caption_ground:  # adds, backgrounds and dropped prompts name no object
+            continue
+        (g,) = e.caption_ground
+        (obj,) = [o for o in scene.objects if tuple(values.index(getattr(o, f)) for f, values in READOUT_FIELDS)
+                  == g.fields]
+        phrase = tok.decode([e.prompt.ids[j] for j in g.phrase_positions]).strip()
+        # the keys are the reference's words, which name only the object's own colour and shape
+        assert phrase and phrase in tok.decode(e.prompt.ids), phrase
+        for attr, values in (("colour", OBJECT_COLOURS), ("shape", SHAPES)):
+            assert [v for v in values if WORDS[lang][v] in phrase] in ([], [getattr(obj, attr)]), (phrase, obj)
+        rows, cols = canvas[0] // cfg.vq.downsample, canvas[1] // cfg.vq.downsample
+        assert torch.equal(g.cells, object_cell_mask(scene, obj, rows, cols, min_share=0.0))
+        assert g.scene_objects == len(scene.objects)
+        named.append(e)
+        scenes.append(scene)
+    assert len(named) >= 12 and {len(s.objects) for s in scenes} == {1, 2}
+    batch = collate(named, cfg)
+    target = model.vq.encode(batch.target_images)
+    source = model.vq.encode(batch.pixel_sources)
+    queries = first_drawn_cell_queries(batch, target.flatten(), source.flatten())
+    per_image = target.shape[1] * target.shape[2]
+    cell_targets = batch.code_target_index.view(len(named), per_image)
+    for i, q in enumerate(queries.tolist()):
+        cell = cell_targets[i].tolist().index(q)
+        changed = batch.ground_cells[i] & (target[i].flatten() != source[i].flatten())
+        assert changed.any() and changed[cell] and not changed[:cell].any()  # the first cell the edit changes
+    with torch.no_grad():  # the caption head and its probes ground edits; the image loss is the same
+        _, plain_parts = TrainingModel(model)(batch)
+        trainer = TrainingModel(model, ground_weight=1.0, ground_readout_weight=1.0, caption_ground_weight=1.0)
+        _, parts = trainer(batch)
+    assert parts["ground"] > 0 and parts["readout"] > 0
+    assert abs(parts["image"] - plain_parts["image"]) < 1e-5
+    with pytest.raises(ValueError, match="choose one"):
+        make_example("edit", random.Random(0), tok, cfg, [canvas], ground_edits=True, ground_edit_refs=True)
+
+
+def test_ground_edit_refs_option_grounds_the_edits_of_caption_grounded_stages(setup, tmp_path):
+    from wallaroo_nodes.train.recipe import check_run_options, run_option_flags, with_caption_grounding
+    stages = with_caption_grounding(default_stages(), 1.0, edits=True)
+    assert [s.caption_ground_edits for s in stages] == [False, False, False, False, True]
+    assert not any(s.caption_ground_edits for s in with_caption_grounding(default_stages(), 1.0))
+    defaults = {"ground": True, "ground_readout": True, "ground_two_objects": 3.0, "ground_captions": 1.0}
+    assert run_option_flags({**defaults, "ground_edit_refs": True}) == "--ground-edit-refs"
+    check_run_options(tmp_path, {**defaults, "ground_edit_refs": True})
+    with pytest.raises(SystemExit, match="started with --ground-edit-refs "):
+        check_run_options(tmp_path, {**defaults, "ground_edit_refs": False})
+    for flags in (["--ground-captions", "0"], ["--ground-edits"]):
+        with pytest.raises(SystemExit):
+            main(["--out", str(tmp_path / "x"), "--ground-edit-refs", *flags])
+    assert not (tmp_path / "x").exists()
+    with pytest.raises(ValueError, match="needs caption_ground_weight > 0"):
+        run_stage(4, Stage("4", 2, 1e-3, {"edit": 1.0}, [(64, 64)], caption_ground_edits=True), None, None,
+                  tmp_path, 0, torch.device("cpu"), 0, 1)
+    tok, cfg = setup  # a stage that edits with it trains the caption probes from edit batches
+    torch.manual_seed(0)
+    model = WallarooModel(cfg).train()
+    stage = Stage("4-unified-finetune", 2, 1e-3, {"edit": 1.0}, [(64, 64)], batch_size=4, caption_ground_weight=1.0,
+                  caption_ground_edits=True, edit_kind_weights={"add": 0.0, "background": 0.0})
+    lines = []
+    run_stage(4, stage, model, tok, tmp_path, 0, torch.device("cpu"), 0, 1, log=lines.append, precision=torch.float32)
+    saved = torch.load(tmp_path / "stage4.pt", weights_only=True)
+    assert "caption_readout" in saved and any('"edit.ground"' in line for line in lines), lines
+
+
 def test_ground_captions_option_grounds_the_stages_that_train_generation_past_alignment(tmp_path):
     from wallaroo_nodes.train.recipe import check_run_options, run_option_flags, with_caption_grounding
     stages = with_caption_grounding(default_stages(), 1.5)

@@ -244,6 +244,14 @@ def edit_instruction_about(scene: Scene, lang: str, rng: random.Random,
                            kind: str | None = None) -> tuple[str, Scene, Obj | None]:
     """`edit_instruction`'s pair (same draws) and the source object the instruction names (None: it names none,
     as adding an object or changing the background)."""
+    text, target, obj, _ = edit_instruction_with_span(scene, lang, rng, kind)
+    return text, target, obj
+
+
+def edit_instruction_with_span(scene: Scene, lang: str, rng: random.Random, kind: str | None = None
+                               ) -> tuple[str, Scene, Obj | None, tuple[int, int] | None]:
+    """`edit_instruction_about`'s triple (same draws) and the [start, end) characters of the phrase that names the
+    source object (None where it names none)."""
     _check_lang(lang)
     allowed = edit_kinds(scene)
     kind = kind if kind is not None else rng.choice(allowed)
@@ -255,7 +263,7 @@ def edit_instruction_about(scene: Scene, lang: str, rng: random.Random,
         new_bg = rng.choice([c for c in BACKGROUND_COLOURS if c not in used and c != scene.background])
         word = _w(lang, new_bg)
         text = rng.choice(templates[kind]).format(new=word, a_new=f"{_a(word)} {word}")
-        return text, Scene(scene.canvas, new_bg, scene.objects), None
+        return text, Scene(scene.canvas, new_bg, scene.objects), None, None
     if kind == "add":
         pos = rng.choice(scene.free_positions())
         new = random_object(rng, pos, background=scene.background)
@@ -264,7 +272,7 @@ def edit_instruction_about(scene: Scene, lang: str, rng: random.Random,
         else:
             text = rng.choice(templates[kind]).format(place=rng.choice(_PLACE["zh"][pos]),
                                                       obj=object_phrase(new, lang, rng, place=False))
-        return text[0].upper() + text[1:], scene.add_object(new), None
+        return text[0].upper() + text[1:], scene.add_object(new), None, None
     obj = rng.choice(scene.objects)
     ref = reference(scene, obj, lang, rng)  # position always makes a unique reference
     if kind == "remove":
@@ -279,8 +287,10 @@ def edit_instruction_about(scene: Scene, lang: str, rng: random.Random,
         pos = rng.choice(scene.free_positions())
         target = scene.replace_object(obj, Obj(obj.shape, obj.colour, obj.size, pos))
         new_word = rng.choice(_MOVE_TO[lang][pos])
-    text = rng.choice(templates[kind]).format(ref=ref, new=new_word)
-    return text[0].upper() + text[1:], target, obj
+    template = rng.choice(templates[kind])
+    text = template.format(ref=ref, new=new_word)
+    at = template.index("{ref}")  # every template names the object before anything else it fills in
+    return text[0].upper() + text[1:], target, obj, (at, at + len(ref))
 
 
 def vocabulary(lang: str) -> list[str]:

@@ -20,7 +20,7 @@ from ..engine.config import WallarooConfig
 from ..engine.protocol import Prompt, build_edit, build_generate, build_understand, follow_up_ids
 from ..engine.text import TextTokenizer
 from ..shapes import (EDIT_KINDS, LANGS, OBJECT_COLOURS, PALETTE, POSITIONS, QA_KINDS, SHAPES, SIZES, Obj, Scene,
-                      caption_with_spans, edit_instruction_about, edit_kinds, question_answer_about, random_scene,
+                      caption_with_spans, edit_instruction_with_span, edit_kinds, question_answer_about, random_scene,
                       render)
 from ..shapes.world import render_array
 
@@ -44,8 +44,9 @@ class Grounding(NamedTuple):
 
 
 class CaptionGrounding(NamedTuple):
-    """One object of a generation caption: the image cells it touches (raster order), the prompt positions of the
-    caption phrase that describes it, its READOUT_FIELDS, and its scene's object count."""
+    """One object of a generation caption (or the source object an edit instruction names): the image cells it
+    touches (raster order), the prompt positions of the phrase that describes it, its READOUT_FIELDS, and its
+    scene's object count."""
 
     cells: torch.Tensor                   # (rows * cols,) bool
     phrase_positions: list[int]
@@ -73,7 +74,8 @@ class Example:
     pixel_source: torch.Tensor | None = None                  # edit: (1, 3, H, W) VQ input in [-1, 1]
     # understand, with `ground`: per answer that names one object, where and what that object is
     ground: list[Grounding] = field(default_factory=list)
-    # generate, with `ground_captions`: per object of the caption, where it starts and which words describe it
+    # generate, with `ground_captions`: per object of the caption, where it starts and which words describe it;
+    # edit, with `ground_edit_refs`: the same for the source object the instruction names
     caption_ground: list[CaptionGrounding] = field(default_factory=list)
 
 
@@ -112,7 +114,8 @@ def text_token_positions(tok: TextTokenizer, prompt: Prompt, text: str,
 
 def caption_grounding(tok: TextTokenizer, cfg: WallarooConfig, prompt: Prompt, scene: Scene, text: str,
                       spans: list[tuple[Obj, int, int]]) -> list[CaptionGrounding]:
-    """The CaptionGrounding of each object a generation caption describes (`caption_with_spans`' spans)."""
+    """The CaptionGrounding of each object of `scene` that a span of `text` describes (a generation caption's
+    `caption_with_spans`, or an edit instruction's reference to a source object)."""
     ds = cfg.vq.downsample
     rows, cols = scene.canvas[0] // ds, scene.canvas[1] // ds
     positions = text_token_positions(tok, prompt, text, [(start, end) for _, start, end in spans])
@@ -132,7 +135,7 @@ def make_example(task: str, rng: random.Random, tok: TextTokenizer, cfg: Wallaro
                  canvases: list[tuple[int, int]], uncond_prob: float = UNCOND_PROB, qa_turns: int = 1,
                  n_objects: int | None = None, qa_kind_weights: dict[str, float] | None = None,
                  edit_kind_weights: dict[str, float] | None = None, ground: bool = False,
-                 ground_edits: bool = False, ground_captions: bool = False) -> Example:
+                 ground_edits: bool = False, ground_captions: bool = False, ground_edit_refs: bool = False) -> Example:
     """A random example of a task on one of the given canvases; prompts are dropped for CFG with uncond_prob.
 
     `n_objects` fixes the scene's object count (1 or 2); None draws it.
@@ -142,8 +145,12 @@ def make_example(task: str, rng: random.Random, tok: TextTokenizer, cfg: Wallaro
     target for the price of one pass through the vision tower. With `ground`, each answer about one object
     also records the vision tokens that show it (`Example.ground`); with `ground_edits` so does each edit
     instruction that names an object of the source, and with `ground_captions` each object a generation caption
-    describes (`Example.caption_ground`). The draws are the same either way.
+    describes (`Example.caption_ground`); with `ground_edit_refs` an edit records the named source object's cells
+    and the words that name it there instead. The draws are the same either way.
     """
+    if ground_edits and ground_edit_refs:
+        raise ValueError("ground_edits (the named object's vision tokens) and ground_edit_refs (its words) ground "
+                         "the same edits from different queries; choose one")
     for name, weights, kinds in (("qa_kind_weights", qa_kind_weights, QA_KINDS),
                                  ("edit_kind_weights", edit_kind_weights, EDIT_KINDS)):
         unknown = set(weights or ()) - set(kinds)
@@ -190,7 +197,7 @@ def make_example(task: str, rng: random.Random, tok: TextTokenizer, cfg: Wallaro
     if task == "edit":
         # kind None: the uniform draw earlier runs' data orders were made with
         kind = None if edit_kind_weights is None else _weighted_kind(rng, edit_kinds(scene), edit_kind_weights)
-        instruction, target, named_obj = edit_instruction_about(scene, lang, rng, kind=kind)
+        instruction, target, named_obj, span = edit_instruction_with_span(scene, lang, rng, kind=kind)
         source = render(scene)
         if rng.random() < uncond_prob:
             named_obj = None
@@ -201,8 +208,11 @@ def make_example(task: str, rng: random.Random, tok: TextTokenizer, cfg: Wallaro
         patches, grid = images.vision_inputs(source, cfg.vision, cfg.vision.edit_min_pixels, cfg.vision.edit_max_pixels)
         prompt = build_edit(tok, cfg, instruction, canvas, grid, lang=lang)
         grounds = [grounding(0, scene, named_obj, grid, cfg)] if ground_edits and named_obj else []
+        refs = caption_grounding(tok, cfg, prompt, scene, instruction, [(named_obj, *span)]) \
+            if ground_edit_refs and named_obj else []
         return Example(task, prompt, target_image=render(target), source_image=source, vision_grid=grid,
-                       vision_patches=patches, pixel_source=images.vq_input(source, canvas), ground=grounds)
+                       vision_patches=patches, pixel_source=images.vq_input(source, canvas), ground=grounds,
+                       caption_ground=refs)
     raise ValueError(f"unknown task {task!r}")
 
 
@@ -228,14 +238,15 @@ class Batch:
     # the position that predicts its first token, its row's vision slots (positions in the row) and which of them
     # show the object; per edit that names an object, the same from the position that predicts the first code.
     # Generation batches (`ground_captions`): per object of a caption, the position that predicts the object's
-    # first cell, and as keys its phrase's positions (right-padded, the padding not a target).
+    # first cell, and as keys its phrase's positions (right-padded, the padding not a target). Edit batches
+    # (`ground_edit_refs`): the same for the named source object, from its first changed cell.
     ground_query_index: torch.Tensor | None = None   # (Q,)
     ground_key_index: torch.Tensor | None = None     # (Q, keys)
     ground_target: torch.Tensor | None = None        # (Q, keys) bool
     ground_fields: torch.Tensor | None = None        # (Q, len(READOUT_FIELDS)) the named object's value indices
     ground_scene_objects: torch.Tensor | None = None  # (Q,) objects in the answer's scene
-    # Generation batches: per query, the cells its object touches and the index in code_target_index of its
-    # example's first cell (the trainer sets ground_query_index from them and the target's codes).
+    # Generation and edit batches: per query, the cells its object touches and the index in code_target_index of
+    # its example's first cell (the trainer sets ground_query_index from them and the codes).
     ground_cells: torch.Tensor | None = None          # (Q, rows * cols) bool
     ground_cell_base: torch.Tensor | None = None      # (Q,)
 
@@ -315,7 +326,7 @@ def collate(examples: list[Example], cfg: WallarooConfig) -> Batch:
         return torch.tensor(values, dtype=torch.long) if values else None
 
     with_vision = [e for e in examples if e.vision_patches is not None]
-    if task == "generate" and ground_t:  # phrases differ in length: pad, never a target
+    if ground_cells:  # phrases differ in length: pad, never a target
         width = max(len(t) for t in ground_t)
         ground_k = [list(k) + [0] * (width - len(k)) for k in ground_k]
         ground_t = [F.pad(t, (0, width - len(t))) for t in ground_t]

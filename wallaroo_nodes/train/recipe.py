@@ -113,6 +113,12 @@ class Stage:
     # two lookups (vision tokens, caption words) do not share keys.
     caption_ground_weight: float = 0.0
     caption_ground_head: tuple[int, int] = (2, 2)
+    # Whether edits that name an object of the source are grounded the same way: from the position that predicts
+    # the first cell of that object the edit changes, the caption head looks at the words that name it, and the
+    # caption probes read the object from there. Edits fail mostly by changing the other object of two (remove
+    # 0.58, move 0.68, recolour 0.70 of the fifty-fifth run's 2,000). Needs caption_ground_weight; not with
+    # ground_edits.
+    caption_ground_edits: bool = False
     # Added to the run's --seed for this stage's data: the bundle's stages 2-4 drew their examples from the
     # next seed after stages 0-1 (twentieth run, docs/tiny_model_runs.md), so one command draws that data order.
     seed_offset: int = 0
@@ -152,10 +158,11 @@ def default_stages(scale: float = 1.0) -> list[Stage]:
     ]
 
 
-def with_caption_grounding(stages: list[Stage], weight: float) -> list[Stage]:
-    """The stages with caption grounding at `weight` wherever they train generation with the LLM unfrozen."""
-    return [replace(s, caption_ground_weight=weight) if "generate" in s.tasks and s.trainable != "align" else s
-            for s in stages]
+def with_caption_grounding(stages: list[Stage], weight: float, edits: bool = False) -> list[Stage]:
+    """The stages with caption grounding at `weight` wherever they train generation with the LLM unfrozen (and,
+    with `edits`, the edits of those stages grounded by the words that name their object)."""
+    return [replace(s, caption_ground_weight=weight, caption_ground_edits=edits and "edit" in s.tasks)
+            if "generate" in s.tasks and s.trainable != "align" else s for s in stages]
 
 
 def with_grounding(stages: list[Stage], weight: float = 1.0, readout_weight: float = 0.0,
@@ -273,13 +280,16 @@ def grounding_loss(q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor,
     return weighted_mean(log_all - on_object, weights)
 
 
-def first_drawn_cell_queries(batch: Batch, codes: torch.Tensor) -> torch.Tensor:
+def first_drawn_cell_queries(batch: Batch, codes: torch.Tensor, source: torch.Tensor | None = None) -> torch.Tensor:
     """Flat positions predicting each caption-grounded object's first drawn cell: the first cell it touches whose
-    code is not its image's background code (the top-left cell's); a cell it touches if the VQ drew none."""
+    code is not its image's background code (the top-left cell's); a cell it touches if the VQ drew none.
+    With `source` (an edit's source codes, laid out as `codes`): the first cell it touches whose code the edit
+    changes."""
     cells = batch.ground_cells.to(codes.device)
     base = batch.ground_cell_base.to(codes.device)
-    own = codes[base[:, None] + torch.arange(cells.shape[1], device=codes.device)]  # (Q, cells)
-    drawn = cells & (own != own[:, :1])
+    at = base[:, None] + torch.arange(cells.shape[1], device=codes.device)
+    own = codes[at]  # (Q, cells)
+    drawn = cells & (own != (own[:, :1] if source is None else source[at]))
     first = torch.where(drawn.any(1), drawn.float().argmax(1), cells.float().argmax(1))
     return batch.code_target_index.to(codes.device)[base + first]
 
@@ -325,9 +335,10 @@ class TrainingModel(nn.Module):
         return {k: v for k, v in (("readout", self.readout), ("caption_readout", self.caption_readout))
                 if v is not None}
 
-    def grounding_setup(self, kind: str) -> tuple[float, tuple[int, int], float, nn.ModuleList | None]:
-        """For a batch of `kind`: the grounding loss's weight, its head, the read-out's weight and its probes."""
-        if kind == "generate":
+    def grounding_setup(self, batch: Batch) -> tuple[float, tuple[int, int], float, nn.ModuleList | None]:
+        """For a batch: the grounding loss's weight, its head, the read-out's weight and its probes (caption
+        grounding's where its queries are cells: generation, and edits grounded by their words)."""
+        if batch.task == "generate" or batch.ground_cells is not None:
             return self.caption_ground_weight, self.caption_ground_head, self.caption_ground_weight, \
                 self.caption_readout
         return self.ground_weight, self.ground_head, self.ground_readout_weight, self.readout
@@ -345,7 +356,8 @@ class TrainingModel(nn.Module):
         if batch.pixel_index is not None:
             with torch.no_grad():
                 z = m.vq.encode_features(batch.pixel_sources.to(dev))
-                if m.cfg.edit_copy_source or self.edit_start_cells == "objects+changes":
+                if (m.cfg.edit_copy_source or self.edit_start_cells == "objects+changes"
+                        or batch.ground_cells is not None):
                     # Source and target share the canvas, so source cell k lines up with target code k.
                     source_grid = m.vq.quantize_features(z)
             flat = flat.index_copy(0, batch.pixel_index.to(dev), m.pixel_adapter(z.flatten(0, 2)))
@@ -363,10 +375,11 @@ class TrainingModel(nn.Module):
                     weights = 1.0 + (self.first_cell_weight - 1.0) * starts.flatten().float()
             fed = m.input_adapter(kind)(m.vq.codebook_entries(codes))
             flat = flat.index_copy(0, batch.code_input_index.to(dev), fed)
-        ground_weight, ground_head, readout_weight, probes = self.grounding_setup(batch.task)
+        ground_weight, ground_head, readout_weight, probes = self.grounding_setup(batch)
         grounding = ground_weight > 0 and batch.ground_query_index is not None
         if grounding and batch.ground_cells is not None:
-            batch = replace(batch, ground_query_index=first_drawn_cell_queries(batch, codes))
+            batch = replace(batch, ground_query_index=first_drawn_cell_queries(
+                batch, codes, None if source_grid is None else source_grid.flatten()))
         captured: dict[str, torch.Tensor] = {}
         hooks = []
         if grounding:
@@ -664,7 +677,8 @@ def task_examples(stage: Stage, task: str, canvas: tuple[int, int], rng: random.
     return [make_example(task, rng, tok, cfg, [canvas], uncond_prob=uncond_prob, qa_turns=stage.qa_turns,
                          qa_kind_weights=stage.qa_kind_weights, edit_kind_weights=stage.edit_kind_weights,
                          ground=stage.ground_weight > 0, ground_edits=stage.ground_edits,
-                         ground_captions=stage.caption_ground_weight > 0, n_objects=stage_objects(stage, task, rng))
+                         ground_captions=stage.caption_ground_weight > 0, ground_edit_refs=stage.caption_ground_edits,
+                         n_objects=stage_objects(stage, task, rng))
             for _ in range(count)]
 
 
@@ -690,6 +704,9 @@ def run_stage(index: int, stage: Stage, model: WallarooModel, tok: TextTokenizer
     done_marker = out / f"stage{index}.done"
     if done_marker.exists():
         return
+    if stage.caption_ground_edits and (stage.caption_ground_weight <= 0 or stage.ground_edits):
+        raise ValueError(f"stage {stage.name}: caption_ground_edits grounds edits with the caption head, so it needs "
+                         f"caption_ground_weight > 0 and ground_edits off")
     if stage.ground_edits and stage.ground_weight <= 0:
         raise ValueError(f"stage {stage.name}: ground_edits adds edits to the grounding loss, so it needs "
                          f"ground_weight > 0")
@@ -799,6 +816,7 @@ def run_option_flags(options: dict[str, bool | float]) -> str:
     captions = options.get("ground_captions", False) or 0.0
     if captions != GROUND_CAPTIONS:
         flags.append(f"--ground-captions {captions:g}")
+    flags += ["--ground-edit-refs"] if options.get("ground_edit_refs", False) else []
     flags += ["--" + k.replace("_", "-") for k in sorted(options) if not k.startswith("ground") and options[k] is True]
     return " ".join(flags)
 
@@ -959,6 +977,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="caption grounding at weight W in every stage that trains generation past alignment: "
                              "each generated object's first drawn cell looks up its caption phrase (fifty-fifth run; "
                              f"default {GROUND_CAPTIONS:g}; 0 = off, the recipe before it)")
+    parser.add_argument("--ground-edit-refs", action="store_true",
+                        help="with caption grounding, edits that name an object are grounded by their words too: the "
+                             "first cell of the object that the edit changes looks up the phrase that names it")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
     parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
@@ -969,6 +990,9 @@ def main(argv: list[str] | None = None) -> int:
         # before the run folder records options it cannot train
         parser.error("--ground-readout, --ground-two-objects and --ground-edits change the grounding loss, which "
                      "--no-ground turns off: drop --no-ground or them")
+    if args.ground_edit_refs and (not args.ground_captions or args.ground_edits):
+        parser.error("--ground-edit-refs grounds edits with the caption head: it needs --ground-captions above 0 "
+                     "and cannot go with --ground-edits")
     if args.ground_readout is None:
         args.ground_readout = args.ground
     if args.ground_two_objects is None:
@@ -990,14 +1014,15 @@ def main(argv: list[str] | None = None) -> int:
                                      # recorded only when set, so folders from before the option resume
                                      "ground_two_objects": args.ground_two_objects if args.ground_two_objects != 1.0
                                      else False,
-                                     "ground_captions": args.ground_captions or False})
+                                     "ground_captions": args.ground_captions or False,
+                                     "ground_edit_refs": args.ground_edit_refs})
     model, tok = build_or_resume(args.out, args.seed, device, rank, mrope_interleaved=args.mrope_interleaved)
     stages = [replace(s, batch_size=args.batch_size) if args.batch_size else s for s in default_stages(args.scale)]
     if args.ground:
         stages = with_grounding(stages, readout_weight=1.0 if args.ground_readout else 0.0,
                                 two_object_weight=args.ground_two_objects, edits=args.ground_edits)
     if args.ground_captions:
-        stages = with_caption_grounding(stages, args.ground_captions)
+        stages = with_caption_grounding(stages, args.ground_captions, edits=args.ground_edit_refs)
     vq_done = vq_steps_done(args.out) >= args.vq_steps + args.vq_polish_steps
     finished_before = vq_done and all((args.out / f"stage{i}.done").exists() for i in range(len(stages)))
     vq_run = (model.cfg.vq, args.vq_steps, args.out, args.seed)
