@@ -406,8 +406,8 @@ def test_edit_instruction_about_names_the_source_object_it_changes():
         instruction, target = edit_instruction(scene, lang, random.Random(seed), kind)
         instruction2, target2, obj = edit_instruction_about(scene, lang, random.Random(seed), kind)
         assert (instruction, target) == (instruction2, target2)  # the same draws
-        assert edit_instruction_with_span(scene, lang, random.Random(seed), kind)[:3] == (instruction, target, obj)
-        span = edit_instruction_with_span(scene, lang, random.Random(seed), kind)[3]
+        *about, span = edit_instruction_with_span(scene, lang, random.Random(seed), kind)
+        assert tuple(about) == (instruction, target, obj)
         if kind in ("add", "background"):
             assert obj is None and span is None
             continue

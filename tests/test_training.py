@@ -1007,27 +1007,21 @@ def test_caption_grounding_trains_its_own_head_and_probes_and_resumes(setup, tmp
     assert (tmp_path / "stage2.done").exists()
 
 
-def named_edit_examples(tok, cfg, canvas: tuple[int, int], n: int) -> list:
-    """Edits from seeds 0..n-1 with the words naming their object recorded (`ground_edit_refs`)."""
-    return [make_example("edit", random.Random(s), tok, cfg, [canvas], uncond_prob=0.1, ground_edit_refs=True,
-                         edit_kind_weights={"add": 0.3, "background": 0.3}) for s in range(n)]
-
-
 @pytest.mark.parametrize("canvas", [(64, 64), (48, 80)])
 def test_edit_ref_grounding_queries_the_named_objects_first_changed_cell_and_keys_its_words(bundle, canvas):
     """--ground-edit-refs: an edit naming a source object grounds the position that predicts the first cell of that
     object the edit changes on the instruction's words for it; the draws are the ones made without it."""
     from wallaroo_nodes.shapes import LANGS, SHAPES, OBJECT_COLOURS
     from wallaroo_nodes.shapes.text import WORDS
-    from wallaroo_nodes.train.data import object_cell_mask
+    from wallaroo_nodes.train.data import object_cell_mask, readout_fields
     from wallaroo_nodes.train.recipe import first_drawn_cell_queries
     model, tok = bundle
     cfg = model.cfg
-    examples = named_edit_examples(tok, cfg, canvas, 40)
+    draws = {"uncond_prob": 0.1, "edit_kind_weights": {"add": 0.3, "background": 0.3}}
     named, scenes = [], []
-    for seed, e in enumerate(examples):
-        plain = make_example("edit", random.Random(seed), tok, cfg, [canvas], uncond_prob=0.1,
-                             edit_kind_weights={"add": 0.3, "background": 0.3})
+    for seed in range(40):
+        e = make_example("edit", random.Random(seed), tok, cfg, [canvas], ground_edit_refs=True, **draws)
+        plain = make_example("edit", random.Random(seed), tok, cfg, [canvas], **draws)
         assert plain.prompt.ids == e.prompt.ids and not plain.caption_ground and not e.ground
         assert (np.asarray(plain.target_image) == np.asarray(e.target_image)).all()
         rng = random.Random(seed)  # replay the draws to learn the source scene
@@ -1037,8 +1031,7 @@ def test_edit_ref_grounding_queries_the_named_objects_first_changed_cell_and_key
         if not e.caption_ground:  # adds, backgrounds and dropped prompts name no object
             continue
         (g,) = e.caption_ground
-        (obj,) = [o for o in scene.objects if tuple(values.index(getattr(o, f)) for f, values in READOUT_FIELDS)
-                  == g.fields]
+        (obj,) = [o for o in scene.objects if readout_fields(o) == g.fields]
         phrase = tok.decode([e.prompt.ids[j] for j in g.phrase_positions]).strip()
         # the keys are the reference's words, which name only the object's own colour and shape
         assert phrase and phrase in tok.decode(e.prompt.ids), phrase
