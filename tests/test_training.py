@@ -421,6 +421,25 @@ def test_vq_polish_trains_the_decoder_alone_so_codes_stay_and_resumes_from_the_v
     assert torch.load(tmp_path / "vq.pt", weights_only=True)["step"] == 6
 
 
+def test_vq_training_depends_on_its_seed_alone_not_on_the_callers_torch_generator(setup, tmp_path):
+    """The VQ trains in a spawned process whose torch generator starts at random, so the same --seed must give
+    the same VQ whatever state torch's generator is in."""
+    _, cfg = setup
+    states = []
+    for caller_seed in (1, 2):
+        torch.manual_seed(caller_seed)
+        out = tmp_path / f"caller{caller_seed}"
+        out.mkdir()
+        train_vq(cfg.vq, 4, out, 0, torch.device("cpu"), 0, batch_size=2, log=lambda line: None, warm_steps=2)
+        states.append(torch.load(out / "vq.pt", weights_only=True)["model"])
+    assert all(torch.equal(states[0][name], states[1][name]) for name in states[0])
+    other = tmp_path / "seed1"
+    other.mkdir()
+    train_vq(cfg.vq, 4, other, 1, torch.device("cpu"), 0, batch_size=2, log=lambda line: None, warm_steps=2)
+    moved = torch.load(other / "vq.pt", weights_only=True)["model"]
+    assert not all(torch.equal(states[0][name], moved[name]) for name in moved)
+
+
 def test_vq_loss_weights_outlines_above_object_insides_above_background():
     from wallaroo_nodes.train.recipe import _reconstruction_loss
     # A 4x4 object in the middle of a 16x16 background: its 12 rim pixels are outline, its 4 centre pixels are not.

@@ -531,6 +531,9 @@ def train_vq(cfg: VQConfig, steps: int, out: Path, seed: int, device: torch.devi
     """Train the LlamaGen-design VQ on shapes-world renders (all canvas sizes), then `polish_steps` more of its
     decoder alone (the codes stay as they are); resumable."""
     ckpt = out / "vq.pt"
+    # The VQ trains in a spawned side process, whose torch generator this torch seeds at random: without this,
+    # the same --seed drew another codebook, and so other stages 1-4 (sixtieth run, docs/tiny_model_runs.md).
+    torch.manual_seed(seed * 1_000_003 + rank)
     vq = VQModel(cfg).to(device)
     decoder = list(vq.decoder.parameters()) + list(vq.post_quant_conv.parameters())
 
