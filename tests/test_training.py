@@ -425,19 +425,17 @@ def test_vq_training_depends_on_its_seed_alone_not_on_the_callers_torch_generato
     """The VQ trains in a spawned process whose torch generator starts at random, so the same --seed must give
     the same VQ whatever state torch's generator is in."""
     _, cfg = setup
-    states = []
-    for caller_seed in (1, 2):
+
+    def trained_weights(caller_seed: int, vq_seed: int) -> dict[str, torch.Tensor]:
         torch.manual_seed(caller_seed)
-        out = tmp_path / f"caller{caller_seed}"
+        out = tmp_path / f"caller{caller_seed}-vq{vq_seed}"
         out.mkdir()
-        train_vq(cfg.vq, 4, out, 0, torch.device("cpu"), 0, batch_size=2, log=lambda line: None, warm_steps=2)
-        states.append(torch.load(out / "vq.pt", weights_only=True)["model"])
-    assert all(torch.equal(states[0][name], states[1][name]) for name in states[0])
-    other = tmp_path / "seed1"
-    other.mkdir()
-    train_vq(cfg.vq, 4, other, 1, torch.device("cpu"), 0, batch_size=2, log=lambda line: None, warm_steps=2)
-    moved = torch.load(other / "vq.pt", weights_only=True)["model"]
-    assert not all(torch.equal(states[0][name], moved[name]) for name in moved)
+        train_vq(cfg.vq, 4, out, vq_seed, torch.device("cpu"), 0, batch_size=2, log=lambda line: None, warm_steps=2)
+        return torch.load(out / "vq.pt", weights_only=True)["model"]
+
+    first, second, other_seed = trained_weights(1, 0), trained_weights(2, 0), trained_weights(1, 1)
+    assert all(torch.equal(first[name], second[name]) for name in first)
+    assert not all(torch.equal(first[name], other_seed[name]) for name in first)
 
 
 def test_vq_loss_weights_outlines_above_object_insides_above_background():
