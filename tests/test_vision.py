@@ -217,6 +217,29 @@ def test_absolute_positions_tell_apart_tokens_a_relative_tower_cannot():
     assert (differ - differ[0]).abs().amax(dim=1)[1:].min() > 1e-3
 
 
+def test_position_table_gradient_is_the_same_every_time_on_two_threads():
+    """Two runs of one training seed must give the same table: its gradient may not depend on thread timing."""
+    cfg = dataclasses.replace(TINY, hidden_size=128, abs_position_grid=8)
+    torch.manual_seed(0)
+    table = vision_module.AbsolutePositionEmbedding(cfg)
+    # Many patches of a few image sizes, as in a training batch, so many rows of the table get many adds.
+    grids = [(1, 8, 8), (1, 6, 10), (1, 10, 6)] * 40
+    pos = rotary_positions(grids, merge=2)
+    sides = torch.cat([torch.tensor([[h, w]]).expand(h * w, 2) for _, h, w in grids])
+    upstream = torch.randn(len(pos), cfg.hidden_size)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        grads = []
+        for _ in range(20):
+            table.weight.grad = None
+            table(pos, sides).backward(upstream)
+            grads.append(table.weight.grad.clone())
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(grads[0], g) for g in grads[1:])
+
+
 def test_config_rejects_a_one_cell_position_table():
     from wallaroo_nodes.engine.config import ConfigError
     with pytest.raises(ConfigError, match="abs_position_grid"):

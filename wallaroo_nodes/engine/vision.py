@@ -50,7 +50,9 @@ class AbsolutePositionEmbedding(nn.Module):
         w = self.weight.float()  # interpolate in float32 whatever the weights' dtype; the caller casts
 
         def at(r: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-            return w[r * self.grid + c]
+            # index_select, not w[...]: the same gather forward, but its gradient adds rows in a fixed order, where
+            # indexing's adds them with atomics across threads, so two runs of one seed parted by ~1e-7 here.
+            return w.index_select(0, (r * self.grid + c).reshape(-1)).reshape(*r.shape, -1)
         top = at(r0, c0) * (1 - fc) + at(r0, c0 + 1) * fc
         bottom = at(r0 + 1, c0) * (1 - fc) + at(r0 + 1, c0 + 1) * fc
         return top * (1 - fr) + bottom * fr
