@@ -1120,3 +1120,42 @@ def test_ground_captions_option_grounds_the_stages_that_train_generation_past_al
     with pytest.raises(SystemExit, match="started with no option flags "):  # the defaults
         check_run_options(tmp_path, {"ground": True, "ground_readout": True, "ground_two_objects": 3.0,
                                      "ground_captions": False})
+
+
+def _sleep_then_exit(seconds: float, code: int) -> None:
+    import sys
+    import time
+    time.sleep(seconds)
+    sys.exit(code)
+
+
+def test_trainer_takes_the_side_threads_back_at_a_fixed_step_not_when_the_side_ends():
+    # A wall-clock handover made two runs of one seed part at stage 2; the step must decide, and a side still
+    # running at that step is waited for.
+    import multiprocessing as mp
+    import time
+    from wallaroo_nodes.train.recipe import THREAD_HANDOVER, thread_handover
+    before = torch.get_num_threads()
+    stage, step = THREAD_HANDOVER
+    try:
+        torch.set_num_threads(1)
+        ended = mp.get_context("spawn").Process(target=_sleep_then_exit, args=(0.0, 0))
+        ended.start()
+        ended.join()
+        thread_handover(ended, 2, stage, RuntimeError)(step - 1)     # side over, but not the step yet
+        thread_handover(ended, 2, stage - 1, RuntimeError)(step + 10)  # an earlier stage never hands back
+        assert torch.get_num_threads() == 1
+        running = mp.get_context("spawn").Process(target=_sleep_then_exit, args=(1.5, 0))
+        running.start()
+        t0 = time.time()
+        thread_handover(running, 2, stage, RuntimeError)(step)
+        assert not running.is_alive() and time.time() - t0 > 0.5  # waited for the side to end
+        assert torch.get_num_threads() == 2
+        torch.set_num_threads(1)
+        failed = mp.get_context("spawn").Process(target=_sleep_then_exit, args=(0.0, 3))
+        failed.start()
+        with pytest.raises(RuntimeError):
+            thread_handover(failed, 2, stage + 1, RuntimeError)(0)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -610,6 +610,25 @@ RESET_EVERY = 20
 # editing from 0.783 to 0.813 of 2,000 held-out edits (forty-third run's VQ, docs/tiny_model_runs.md). Stages
 # 1-4 start beside it: they read only the codes.
 VQ_POLISH_STEPS = 6000
+
+# Where the trainer takes back the VQ side process's thread: a fixed (stage, step), not the moment the side ends,
+# because a bf16 training step sums differently on one and two threads, so a wall-clock handover made two runs
+# of one seed part at stage 2 (sixty-second run, docs/tiny_model_runs.md). The polish ended between stage-2
+# steps 244 and 452 on these VMs; a later side is waited for, an earlier one costs one-thread steps until here.
+THREAD_HANDOVER = (2, 460)
+
+
+def thread_handover(side, threads: int, stage_index: int,
+                    on_side_failed: Callable[[], BaseException]) -> Callable[[int], None]:
+    """A `before_step` for stage `stage_index` that gives the trainer all `threads` at THREAD_HANDOVER."""
+    def before_step(step: int) -> None:
+        if (stage_index, step) < THREAD_HANDOVER or torch.get_num_threads() == threads:
+            return
+        side.join()  # usually ended already; otherwise wait, so the handover step stays the same
+        if side.exitcode != 0:
+            raise on_side_failed()
+        torch.set_num_threads(threads)
+    return before_step
 # The canvas with the smallest objects (9 px small ones in (80, 48)'s 16 px thirds) and its share of polish batches.
 POLISH_CANVAS = min(ALL_CANVASES, key=lambda c: object_side(c, "small"))
 POLISH_CANVAS_SHARE = 0.5
@@ -704,7 +723,7 @@ def stage_trainer(model: WallarooModel, stage: Stage) -> tuple[TrainingModel, li
 
 def run_stage(index: int, stage: Stage, model: WallarooModel, tok: TextTokenizer, out: Path, seed: int,
               device: torch.device, rank: int, world: int, log=print,
-              before_step: Callable[[], None] | None = None, precision: torch.dtype | None = None) -> None:
+              before_step: Callable[[int], None] | None = None, precision: torch.dtype | None = None) -> None:
     """Train one stage from its checkpoint (if any) to the end, checkpointing every couple of minutes.
 
     `precision` is the autocast dtype (None: `training_precision(device)`).
@@ -745,7 +764,7 @@ def run_stage(index: int, stage: Stage, model: WallarooModel, tok: TextTokenizer
     last_save = t0
     for step in bar:
         if before_step is not None:
-            before_step()
+            before_step(step)
         per_rank = max(1, stage.batch_size // world)
         task, examples = step_examples(stage, index, step, seed, rank, per_rank, tok, model.cfg)
         batch = collate(examples, model.cfg)
@@ -1053,11 +1072,8 @@ def main(argv: list[str] | None = None) -> int:
     if dist.is_initialized():
         dist.barrier()  # the other ranks wait for rank 0's VQ instead of timing out inside DDP's first step
 
-    def take_back_threads() -> None:
-        # When the VQ side process ends (in stage 0, or in stage 1 or 2 when its polish runs on), the stage
-        # running then gets all the threads for the rest of its steps.
-        if not side.is_alive() and torch.get_num_threads() != threads:
-            torch.set_num_threads(threads)
+    def side_failed() -> SystemExit:
+        return SystemExit(f"VQ training failed (exit code {side.exitcode}); see the log above, rerun to resume")
 
     precision = {"auto": training_precision(device), "bf16": torch.bfloat16, "fp32": torch.float32}[args.precision]
     if args.vision_steps and not (args.out / "stage0.pt").exists() and not (args.out / "stage0.done").exists():
@@ -1071,10 +1087,9 @@ def main(argv: list[str] | None = None) -> int:
                 model.visual.load_state_dict(torch.load(args.out / "vision.pt", map_location=device,
                                                         weights_only=True)["tower"])
     run_stage(0, stages[0], model, tok, args.out, args.seed, device, rank, world, log,
-              before_step=take_back_threads if side is not None else None, precision=precision)
+              before_step=thread_handover(side, threads, 0, side_failed) if side is not None else None,
+              precision=precision)
 
-    def side_failed() -> SystemExit:
-        return SystemExit(f"VQ training failed (exit code {side.exitcode}); see the log above, rerun to resume")
     if side is not None:
         # Stages 1-4 need only the VQ's codes (its encoder and codebook), final once phase 2 ends; the polish
         # touches the decoder alone. So they start then, on the threads stage 0 had, while the polish finishes.
@@ -1089,7 +1104,8 @@ def main(argv: list[str] | None = None) -> int:
         log_vision_reading(model, tok, log)
     for i, stage in enumerate(stages[1:], start=1):
         run_stage(i, stage, model, tok, args.out, args.seed, device, rank, world, log,
-                  before_step=take_back_threads if side is not None else None, precision=precision)
+                  before_step=thread_handover(side, threads, i, side_failed) if side is not None else None,
+                  precision=precision)
     if side is not None:
         side.join()
         torch.set_num_threads(threads)
