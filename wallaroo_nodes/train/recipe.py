@@ -14,6 +14,7 @@ import random
 import threading
 import time
 from dataclasses import dataclass, replace
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Callable
 
@@ -610,25 +611,6 @@ RESET_EVERY = 20
 # editing from 0.783 to 0.813 of 2,000 held-out edits (forty-third run's VQ, docs/tiny_model_runs.md). Stages
 # 1-4 start beside it: they read only the codes.
 VQ_POLISH_STEPS = 6000
-
-# Where the trainer takes back the VQ side process's thread: a fixed (stage, step), not the moment the side ends,
-# because a bf16 training step sums differently on one and two threads, so a wall-clock handover made two runs
-# of one seed part at stage 2 (sixty-second run, docs/tiny_model_runs.md). The polish ended between stage-2
-# steps 244 and 452 on these VMs; a later side is waited for, an earlier one costs one-thread steps until here.
-THREAD_HANDOVER = (2, 460)
-
-
-def thread_handover(side, threads: int, stage_index: int,
-                    on_side_failed: Callable[[], BaseException]) -> Callable[[int], None]:
-    """A `before_step` for stage `stage_index` that gives the trainer all `threads` at THREAD_HANDOVER."""
-    def before_step(step: int) -> None:
-        if (stage_index, step) < THREAD_HANDOVER or torch.get_num_threads() == threads:
-            return
-        side.join()  # usually ended already; otherwise wait, so the handover step stays the same
-        if side.exitcode != 0:
-            raise on_side_failed()
-        torch.set_num_threads(threads)
-    return before_step
 # The canvas with the smallest objects (9 px small ones in (80, 48)'s 16 px thirds) and its share of polish batches.
 POLISH_CANVAS = min(ALL_CANVASES, key=lambda c: object_side(c, "small"))
 POLISH_CANVAS_SHARE = 0.5
@@ -942,6 +924,26 @@ def _exit_with_parent(parent: int) -> None:
     while os.getppid() == parent:
         time.sleep(1.0)
     os._exit(1)
+
+
+# Where the trainer takes back the VQ side process's thread: a fixed (stage, step), not the moment the side ends,
+# because a bf16 training step sums differently on one and two threads, so a wall-clock handover made two runs
+# of one seed part at stage 2 (sixty-second run, docs/tiny_model_runs.md). The polish ended between stage-2
+# steps 244 and 452 on these VMs; a later side is waited for, an earlier one costs one-thread steps until here.
+THREAD_HANDOVER = (2, 460)
+
+
+def thread_handover(side: BaseProcess, threads: int, stage_index: int,
+                    on_side_failed: Callable[[], BaseException]) -> Callable[[int], None]:
+    """A `before_step` for stage `stage_index` that gives the trainer all `threads` at THREAD_HANDOVER."""
+    def before_step(step: int) -> None:
+        if (stage_index, step) < THREAD_HANDOVER or torch.get_num_threads() == threads:
+            return
+        side.join()  # usually ended already; otherwise wait, so the handover step stays the same
+        if side.exitcode != 0:
+            raise on_side_failed()
+        torch.set_num_threads(threads)
+    return before_step
 
 
 def _vq_process(cfg: VQConfig, steps: int, out: Path, seed: int, threads: int, parent: int, **train_kw) -> None:
