@@ -52,7 +52,7 @@ class AbsolutePositionEmbedding(nn.Module):
         def at(r: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
             # index_select, not w[...]: the same gather forward, but its gradient adds rows in a fixed order, where
             # indexing's adds them with atomics across threads, so two runs of one seed parted by ~1e-7 here.
-            return w.index_select(0, (r * self.grid + c).reshape(-1)).reshape(*r.shape, -1)
+            return w.index_select(0, r * self.grid + c)  # r, c: (N,) from the (N, 2) positions
         top = at(r0, c0) * (1 - fc) + at(r0, c0 + 1) * fc
         bottom = at(r0 + 1, c0) * (1 - fc) + at(r0 + 1, c0 + 1) * fc
         return top * (1 - fr) + bottom * fr
