@@ -1077,6 +1077,9 @@ def main(argv: list[str] | None = None) -> int:
     def side_failed() -> SystemExit:
         return SystemExit(f"VQ training failed (exit code {side.exitcode}); see the log above, rerun to resume")
 
+    def handover(stage_index: int) -> Callable[[int], None] | None:
+        return thread_handover(side, threads, stage_index, side_failed) if side is not None else None
+
     precision = {"auto": training_precision(device), "bf16": torch.bfloat16, "fp32": torch.float32}[args.precision]
     if args.vision_steps and not (args.out / "stage0.pt").exists() and not (args.out / "stage0.done").exists():
         # Only before stage 0 starts: afterwards its checkpoints hold the tower.
@@ -1089,8 +1092,7 @@ def main(argv: list[str] | None = None) -> int:
                 model.visual.load_state_dict(torch.load(args.out / "vision.pt", map_location=device,
                                                         weights_only=True)["tower"])
     run_stage(0, stages[0], model, tok, args.out, args.seed, device, rank, world, log,
-              before_step=thread_handover(side, threads, 0, side_failed) if side is not None else None,
-              precision=precision)
+              before_step=handover(0), precision=precision)
 
     if side is not None:
         # Stages 1-4 need only the VQ's codes (its encoder and codebook), final once phase 2 ends; the polish
@@ -1106,8 +1108,7 @@ def main(argv: list[str] | None = None) -> int:
         log_vision_reading(model, tok, log)
     for i, stage in enumerate(stages[1:], start=1):
         run_stage(i, stage, model, tok, args.out, args.seed, device, rank, world, log,
-                  before_step=thread_handover(side, threads, i, side_failed) if side is not None else None,
-                  precision=precision)
+                  before_step=handover(i), precision=precision)
     if side is not None:
         side.join()
         torch.set_num_threads(threads)
