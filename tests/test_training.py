@@ -580,6 +580,34 @@ def test_edit_copy_gate_scores_each_cells_source_code(setup):
     assert losses[0] == pytest.approx(torch.nn.functional.cross_entropy(head_out[0], target).item(), rel=1e-4)
 
 
+def test_edit_source_input_feeds_each_cells_source_latent_to_the_position_that_predicts_it(setup):
+    """--edit-source-input: training adds source cell k's adapted latent to the input of exactly the position that
+    predicts target code k (the prompt's last token, the previous code or an end-of-line token), and stage 4
+    starts the adapter at zero."""
+    import dataclasses
+    tok, cfg = setup
+    cfg = dataclasses.replace(cfg, edit_source_input=True)
+    torch.manual_seed(0)
+    model = WallarooModel(cfg).eval()
+    copy_generation_into_edit(model)
+    assert not model.edit_source_adapter.weight.any() and not model.edit_source_adapter.bias.any()
+    batch = collate([make_example("edit", random.Random(s), tok, cfg, [(48, 80)], uncond_prob=0.0) for s in (4, 5)],
+                    cfg)
+    inputs = []
+    model.model.register_forward_pre_hook(lambda mod, args: inputs.append(args[0].detach().flatten(0, 1).clone()))
+    with torch.no_grad():
+        TrainingModel(model)(batch)
+        torch.nn.init.normal_(model.edit_source_adapter.weight)
+        TrainingModel(model)(batch)
+        latents = model.source_cell_inputs(model.vq.encode_features(batch.pixel_sources)).flatten(0, 1)
+    changed = (inputs[1] - inputs[0]).abs().sum(-1) > 0
+    assert changed.nonzero().flatten().tolist() == sorted(batch.code_target_index.tolist())
+    assert len(batch.code_target_index) == 2 * (48 // cfg.vq.downsample) * (80 // cfg.vq.downsample)
+    torch.testing.assert_close(inputs[1][batch.code_target_index] - inputs[0][batch.code_target_index], latents)
+    with pytest.raises(Exception, match="edit_source_input needs has_edit"):
+        dataclasses.replace(cfg, has_edit=False, edit_copy_source=False).validate()
+
+
 def test_object_start_cells_mark_where_each_object_begins_in_raster_order():
     # Hand-made code grids: background code 0, an object of codes 3/4 spanning two rows, and a diagonal
     # continuation (5) that belongs to the same object; a second object (7) starts apart from the first.
@@ -829,6 +857,50 @@ def test_grounded_edits_look_at_the_named_object_from_every_code_and_keep_the_dr
     mixed = collate(grounded_edits[:2] + [make_example("edit", random.Random(5), tok, cfg, [(64, 64)], uncond_prob=1.0,
                                                        ground_edits=True)], cfg)
     assert len(mixed.ground_query_index) == 2  # a dropped prompt is not grounded
+
+
+def test_word_grounded_edits_query_from_the_last_token_naming_the_object(setup, tmp_path):
+    """--ground-edit-words: the same grounding as --ground-edits (same examples, same vision-token mask), queried
+    from the instruction's last token that names the object, which the prompt holds before any code."""
+    from wallaroo_nodes.shapes import LANGS
+    from wallaroo_nodes.shapes.text import edit_instruction_with_span
+    from wallaroo_nodes.train.data import readout_fields, text_token_positions
+    tok, cfg = setup
+    grounded = []
+    for seed in range(24):
+        by_code = make_example("edit", random.Random(seed), tok, cfg, [(64, 64)], uncond_prob=0.2, ground_edits=True)
+        by_words = make_example("edit", random.Random(seed), tok, cfg, [(64, 64)], uncond_prob=0.2,
+                                ground_edit_words=True)
+        assert by_code.prompt.ids == by_words.prompt.ids and len(by_code.ground) == len(by_words.ground)
+        if not by_words.ground:
+            continue
+        (gc,), (gw,) = by_code.ground, by_words.ground
+        assert torch.equal(gc.mask, gw.mask) and gc.fields == gw.fields and gc.prompt_query is None
+        # Replay the draws (canvas, language, scene, instruction): the query is the last token of the naming phrase.
+        rng = random.Random(seed)
+        rng.choice([(64, 64)])
+        lang = rng.choice(LANGS)
+        instruction, _, named, (start, end) = edit_instruction_with_span(random_scene(rng, canvas=(64, 64)), lang, rng)
+        assert readout_fields(named) == gw.fields
+        phrase = text_token_positions(tok, by_words.prompt, instruction, [(start, end)])[0]
+        assert gw.prompt_query == phrase[-1]
+        words = tok.decode([by_words.prompt.ids[j] for j in phrase], skip_special=False)
+        assert instruction[start:end].replace(" ", "") in words.replace(" ", "")
+        grounded.append((by_words, gw))
+    assert len(grounded) >= 8
+    batch = collate([e for e, _ in grounded], cfg)
+    length = batch.ids.shape[1]
+    assert batch.ground_query_index.tolist() == [b * length + g.prompt_query for b, (_, g) in enumerate(grounded)]
+    assert not set(batch.ground_query_index.tolist()) & set(batch.code_target_index.tolist())
+    with pytest.raises(ValueError, match="choose one"):
+        make_example("edit", random.Random(1), tok, cfg, [(64, 64)], ground_edits=True, ground_edit_words=True)
+    with pytest.raises(ValueError, match="ground_edit_words"):
+        run_stage(4, Stage("4", 2, 1e-3, {"edit": 1.0}, [(64, 64)], ground_edit_words=True), None, None, tmp_path, 0,
+                  torch.device("cpu"), 0, 1)
+    from wallaroo_nodes.train.recipe import with_grounding
+    stages = with_grounding(default_stages(), edit_words=True)
+    assert [s.ground_edit_words for s in stages] == ["edit" in s.tasks for s in stages]
+    assert not any(s.ground_edits for s in stages)
 
 
 def test_ground_edits_option_grounds_the_stages_that_edit(tmp_path):

@@ -35,12 +35,14 @@ READOUT_FIELDS: tuple[tuple[str, tuple[str, ...]], ...] = (("position", POSITION
 
 class Grounding(NamedTuple):
     """One answer or edit about one object: which answer turn (0 for an edit), the vision tokens that show the
-    object, its READOUT_FIELDS, and how many objects its scene holds."""
+    object, its READOUT_FIELDS, how many objects its scene holds, and, when the query is a prompt token instead
+    of the position before the answer or first code, that token's prompt position."""
 
     turn: int
     mask: torch.Tensor                    # (vision tokens,) bool
     fields: tuple[int, ...]               # the object's index in each READOUT_FIELDS value list
     scene_objects: int
+    prompt_query: int | None = None
 
 
 class CaptionGrounding(NamedTuple):
@@ -135,7 +137,8 @@ def make_example(task: str, rng: random.Random, tok: TextTokenizer, cfg: Wallaro
                  canvases: list[tuple[int, int]], uncond_prob: float = UNCOND_PROB, qa_turns: int = 1,
                  n_objects: int | None = None, qa_kind_weights: dict[str, float] | None = None,
                  edit_kind_weights: dict[str, float] | None = None, ground: bool = False,
-                 ground_edits: bool = False, ground_captions: bool = False, ground_edit_refs: bool = False) -> Example:
+                 ground_edits: bool = False, ground_captions: bool = False, ground_edit_refs: bool = False,
+                 ground_edit_words: bool = False) -> Example:
     """A random example of a task on one of the given canvases; prompts are dropped for CFG with uncond_prob.
 
     `n_objects` fixes the scene's object count (1 or 2); None draws it.
@@ -146,11 +149,13 @@ def make_example(task: str, rng: random.Random, tok: TextTokenizer, cfg: Wallaro
     also records the vision tokens that show it (`Example.ground`); with `ground_edits` so does each edit
     instruction that names an object of the source, and with `ground_captions` each object a generation caption
     describes (`Example.caption_ground`); with `ground_edit_refs` an edit records the named source object's cells
-    and the words that name it there instead. The draws are the same either way.
+    and the words that name it there instead; with `ground_edit_words` an edit's grounding (as `ground_edits`)
+    is queried from the last instruction token that names the object. The draws are the same either way.
     """
-    if ground_edits and ground_edit_refs:
-        raise ValueError("ground_edits (the named object's vision tokens) and ground_edit_refs (its words) ground "
-                         "the same edits from different queries; choose one")
+    if sum((ground_edits, ground_edit_refs, ground_edit_words)) > 1:
+        raise ValueError("ground_edits (from the first code), ground_edit_words (from the naming words) and "
+                         "ground_edit_refs (the caption head) ground the same edits from different queries; "
+                         "choose one")
     for name, weights, kinds in (("qa_kind_weights", qa_kind_weights, QA_KINDS),
                                  ("edit_kind_weights", edit_kind_weights, EDIT_KINDS)):
         unknown = set(weights or ()) - set(kinds)
@@ -208,6 +213,11 @@ def make_example(task: str, rng: random.Random, tok: TextTokenizer, cfg: Wallaro
         patches, grid = images.vision_inputs(source, cfg.vision, cfg.vision.edit_min_pixels, cfg.vision.edit_max_pixels)
         prompt = build_edit(tok, cfg, instruction, canvas, grid, lang=lang)
         grounds = [grounding(0, scene, named_obj, grid, cfg)] if ground_edits and named_obj else []
+        if ground_edit_words and named_obj:
+            # The instruction follows both source images, so its naming words can fetch the named object; the
+            # edited image's cells then read where it is from them (attribute-only references were chance).
+            last = text_token_positions(tok, prompt, instruction, [span])[0][-1]
+            grounds = [grounding(0, scene, named_obj, grid, cfg)._replace(prompt_query=last)]
         refs = caption_grounding(tok, cfg, prompt, scene, instruction, [(named_obj, *span)]) \
             if ground_edit_refs and named_obj else []
         return Example(task, prompt, target_image=render(target), source_image=source, vision_grid=grid,
@@ -290,10 +300,10 @@ def collate(examples: list[Example], cfg: WallarooConfig) -> Batch:
             # Turn k's answer starts at the k-th run of target ids, an edited image at its first code; the
             # position before it predicts it.
             starts = [j for j, t in enumerate(targets) if t and (j == 0 or not targets[j - 1])]
-            for turn, mask, fields, scene_objects in e.ground:
+            for turn, mask, fields, scene_objects, prompt_query in e.ground:
                 if len(mask) != len(e.prompt.vision_slots):
                     raise ValueError(f"grounding mask has {len(mask)} tokens, the image {len(e.prompt.vision_slots)}")
-                ground_q.append(base + n_prompt + starts[turn] - 1)
+                ground_q.append(base + (prompt_query if prompt_query is not None else n_prompt + starts[turn] - 1))
                 ground_k.append(e.prompt.vision_slots)
                 ground_t.append(mask)
                 ground_f.append(fields)

@@ -108,6 +108,11 @@ class Stage:
     # at twice the run without it, from every code or from the first (forty-fourth and forty-fifth runs,
     # docs/tiny_model_runs.md). Needs ground_weight.
     ground_edits: bool = False
+    # The same grounding queried from the instruction's last token that names the object instead of the first
+    # code: the instruction follows both source images, so its words can fetch the object for the cells to read.
+    # Two-object edits named by colour, shape or size alone failed about half the time, by position about one
+    # in six (sixty-sixth run, docs/tiny_model_runs.md). Needs ground_weight; not with ground_edits.
+    ground_edit_words: bool = False
     # Weight of caption grounding in generation batches: from the position that predicts each object's first cell,
     # head `caption_ground_head` is taught to look at the caption phrase that describes the object, and probes
     # must read the object's place, shape, colour and size from that head's output. Two-object prompts drew the
@@ -173,22 +178,27 @@ def with_caption_grounding(stages: list[Stage], weight: float, edits: bool = Fal
 
 
 def with_grounding(stages: list[Stage], weight: float = 1.0, readout_weight: float = 0.0,
-                   two_object_weight: float = 1.0, edits: bool = False) -> list[Stage]:
+                   two_object_weight: float = 1.0, edits: bool = False, edit_words: bool = False) -> list[Stage]:
     """The stages with the grounding loss at `weight` (its read-out at `readout_weight`, answers about one of two
-    objects counted `two_object_weight` times) wherever they train understanding, and with `edits` editing too
-    (`--ground`, `--ground-readout`, `--ground-two-objects`, `--ground-edits`)."""
+    objects counted `two_object_weight` times) wherever they train understanding, and with `edits` (queried from
+    the first code) or `edit_words` (from the naming words) editing too (`--ground`, `--ground-readout`,
+    `--ground-two-objects`, `--ground-edits`, `--ground-edit-words`)."""
     def grounded(s: Stage) -> bool:
-        return "understand" in s.tasks or (edits and "edit" in s.tasks)
+        return "understand" in s.tasks or ((edits or edit_words) and "edit" in s.tasks)
     return [replace(s, ground_weight=weight, ground_readout_weight=readout_weight,
-                    ground_two_object_weight=two_object_weight, ground_edits=edits and "edit" in s.tasks)
+                    ground_two_object_weight=two_object_weight, ground_edits=edits and "edit" in s.tasks,
+                    ground_edit_words=edit_words and "edit" in s.tasks)
             if grounded(s) else s for s in stages]
 
 
-def tiny_model_config(tokens: dict[str, int], vocab_size: int, mrope_interleaved: bool = False) -> WallarooConfig:
+def tiny_model_config(tokens: dict[str, int], vocab_size: int, mrope_interleaved: bool = False,
+                      edit_source_input: bool = False) -> WallarooConfig:
     """The architecture of the bundled tiny model: same code paths as 7B, sized for two CPU cores.
 
     `mrope_interleaved` (`--mrope-interleaved`; thirty-ninth run, docs/tiny_model_runs.md) gives image columns
-    rotary frequencies that turn across a scene; the bundle keeps Qwen2.5-VL's sectioned layout."""
+    rotary frequencies that turn across a scene; the bundle keeps Qwen2.5-VL's sectioned layout.
+    `edit_source_input` (`--edit-source-input`; WallarooConfig.edit_source_input) feeds each edited cell the
+    source's latent there."""
     # A dropped edit prompt keeps its source and learns it unchanged, not the reference's black image: on the
     # same stage 3 it took unguided editing 0.34 -> 0.40 of 400 held-out edits (twenty-second run,
     # docs/tiny_model_runs.md).
@@ -216,7 +226,8 @@ def tiny_model_config(tokens: dict[str, int], vocab_size: int, mrope_interleaved
         # (0.04 -> 0.13).
         sampling=SamplingDefaults(generate_cfg=1.5, generate_temperature=0.5, generate_top_k=50, edit_cfg=1.0,
                                   edit_temperature=0.2, edit_top_k=50, understand_max_new_tokens=48),
-        tokens=tokens, has_edit=True, edit_copy_source=True, weights_dtype="float32")
+        tokens=tokens, has_edit=True, edit_copy_source=True, edit_source_input=edit_source_input,
+        weights_dtype="float32")
     cfg.validate()
     return cfg
 
@@ -382,6 +393,10 @@ class TrainingModel(nn.Module):
                     weights = 1.0 + (self.first_cell_weight - 1.0) * starts.flatten().float()
             fed = m.input_adapter(kind)(m.vq.codebook_entries(codes))
             flat = flat.index_copy(0, batch.code_input_index.to(dev), fed)
+            if kind == "edit" and m.cfg.edit_source_input:
+                # Source and target share the canvas: source cell k is what target code k's predictor sees.
+                aligned = m.source_cell_inputs(z).flatten(0, 1).to(flat.dtype)
+                flat = flat.index_add(0, batch.code_target_index.to(dev), aligned)
         ground_weight, ground_head, readout_weight, probes = self.grounding_setup(batch)
         grounding = ground_weight > 0 and batch.ground_query_index is not None
         if grounding and batch.ground_cells is not None:
@@ -654,6 +669,10 @@ def copy_generation_into_edit(model: WallarooModel) -> None:
         # model learns from the instruction where to override it.
         nn.init.zeros_(model.edit_copy_gate.weight)
         nn.init.constant_(model.edit_copy_gate.bias, COPY_GATE_START)
+    if model.cfg.edit_source_input:
+        # Zero: the cells start as the copy path left them and learn what the source's latent tells them.
+        nn.init.zeros_(model.edit_source_adapter.weight)
+        nn.init.zeros_(model.edit_source_adapter.bias)
 
 
 def stage_objects(stage: Stage, task: str, rng: random.Random) -> int | None:
@@ -688,7 +707,7 @@ def task_examples(stage: Stage, task: str, canvas: tuple[int, int], rng: random.
                          qa_kind_weights=stage.qa_kind_weights, edit_kind_weights=stage.edit_kind_weights,
                          ground=stage.ground_weight > 0, ground_edits=stage.ground_edits,
                          ground_captions=stage.caption_ground_weight > 0, ground_edit_refs=stage.caption_ground_edits,
-                         n_objects=stage_objects(stage, task, rng))
+                         ground_edit_words=stage.ground_edit_words, n_objects=stage_objects(stage, task, rng))
             for _ in range(count)]
 
 
@@ -717,6 +736,9 @@ def run_stage(index: int, stage: Stage, model: WallarooModel, tok: TextTokenizer
     if stage.caption_ground_edits and (stage.caption_ground_weight <= 0 or stage.ground_edits):
         raise ValueError(f"stage {stage.name}: caption_ground_edits grounds edits with the caption head, so it needs "
                          f"caption_ground_weight > 0 and ground_edits off")
+    if stage.ground_edit_words and (stage.ground_weight <= 0 or stage.ground_edits or stage.caption_ground_edits):
+        raise ValueError(f"stage {stage.name}: ground_edit_words adds edits to the grounding loss, so it needs "
+                         f"ground_weight > 0, and ground_edits and caption_ground_edits off")
     if stage.ground_edits and stage.ground_weight <= 0:
         raise ValueError(f"stage {stage.name}: ground_edits adds edits to the grounding loss, so it needs "
                          f"ground_weight > 0")
@@ -778,16 +800,17 @@ def run_stage(index: int, stage: Stage, model: WallarooModel, tok: TextTokenizer
 
 
 def load_training_state(model: WallarooModel, state: dict[str, torch.Tensor]) -> None:
-    """Load a run folder's weights strictly, except that checkpoints from before `edit_copy_gate` existed may
-    lack it (stage 4 initialises it; stages 0-3 never use it)."""
+    """Load a run folder's weights strictly, except that checkpoints from before `edit_copy_gate` and
+    `edit_source_adapter` existed may lack them (stage 4 initialises them; stages 0-3 never use them)."""
     missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.startswith("edit_copy_gate.")]
+    missing = [k for k in missing if not k.startswith(("edit_copy_gate.", "edit_source_adapter."))]
     if missing or unexpected:
         raise RuntimeError(f"checkpoint does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
 
 def build_or_resume(out: Path, seed: int, device: torch.device, rank: int,
-                    mrope_interleaved: bool = False) -> tuple[WallarooModel, TextTokenizer]:
+                    mrope_interleaved: bool = False,
+                    edit_source_input: bool = False) -> tuple[WallarooModel, TextTokenizer]:
     """Tokenizer (trained once), then the model, initialised from the last finished stage if any."""
     tok_path = out / "tokenizer.json"
     meta_path = out / "tokens.json"
@@ -799,7 +822,7 @@ def build_or_resume(out: Path, seed: int, device: torch.device, rank: int,
     table = json.loads(meta_path.read_text())
     from tokenizers import Tokenizer
     vocab = (Tokenizer.from_file(str(tok_path)).get_vocab_size() + 63) // 64 * 64
-    cfg = tiny_model_config(table, vocab, mrope_interleaved=mrope_interleaved)
+    cfg = tiny_model_config(table, vocab, mrope_interleaved=mrope_interleaved, edit_source_input=edit_source_input)
     torch.manual_seed(seed)
     model = WallarooModel(cfg).to(device)
     _init_weights(model)
@@ -823,6 +846,7 @@ def run_option_flags(options: dict[str, bool | float]) -> str:
         if weight != GROUND_TWO_OBJECTS:
             flags.append(f"--ground-two-objects {weight:g}")
         flags += ["--ground-edits"] if options.get("ground_edits", False) else []
+        flags += ["--ground-edit-words"] if options.get("ground_edit_words", False) else []
     captions = options.get("ground_captions", False) or 0.0
     if captions != GROUND_CAPTIONS:
         flags.append(f"--ground-captions {captions:g}")
@@ -991,6 +1015,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="vision pretraining also finds each object from a description (thirty-eighth run)")
     parser.add_argument("--mrope-interleaved", action="store_true",
                         help="the LLM's M-RoPE in Qwen3-VL's interleaved layout (thirty-ninth run)")
+    parser.add_argument("--edit-source-input", action="store_true",
+                        help="each edited cell also receives the edit source's VQ latent at that cell (sixty-seventh "
+                             "run; WallarooConfig.edit_source_input)")
     parser.add_argument("--ground", action=argparse.BooleanOptionalAction, default=True,
                         help="the grounding loss in every stage with understanding, from stage 0 on (forty-first run; "
                              "on by default since the forty-third run became the bundle)")
@@ -1003,6 +1030,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ground-edits", action="store_true",
                         help="with --ground, edits that name an object are grounded too, from the position that "
                              "predicts their first code (forty-fifth run)")
+    parser.add_argument("--ground-edit-words", action="store_true",
+                        help="with --ground, edits that name an object are grounded from the instruction's last "
+                             "token that names it (sixty-seventh run)")
     parser.add_argument("--ground-captions", type=float, default=GROUND_CAPTIONS, metavar="W",
                         help="caption grounding at weight W in every stage that trains generation past alignment: "
                              "each generated object's first drawn cell looks up its caption phrase (fifty-fifth run; "
@@ -1016,10 +1046,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="autocast dtype of the stages (auto: bf16 where the hardware has native bf16)")
     parser.add_argument("--batch-size", type=int, default=0, help="override every stage's batch size (0 = recipe's)")
     args = parser.parse_args(argv)
-    if not args.ground and (args.ground_readout or args.ground_two_objects not in (None, 1.0) or args.ground_edits):
+    if not args.ground and (args.ground_readout or args.ground_two_objects not in (None, 1.0) or args.ground_edits
+                           or args.ground_edit_words):
         # before the run folder records options it cannot train
-        parser.error("--ground-readout, --ground-two-objects and --ground-edits change the grounding loss, which "
-                     "--no-ground turns off: drop --no-ground or them")
+        parser.error("--ground-readout, --ground-two-objects, --ground-edits and --ground-edit-words change the "
+                     "grounding loss, which --no-ground turns off: drop --no-ground or them")
+    if args.ground_edit_words and (args.ground_edits or args.ground_edit_refs):
+        parser.error("--ground-edit-words, --ground-edits and --ground-edit-refs ground the same edits from "
+                     "different queries: choose one")
     if args.ground_edit_refs and (not args.ground_captions or args.ground_edits):
         parser.error("--ground-edit-refs grounds edits with the caption head: it needs --ground-captions above 0 "
                      "and cannot go with --ground-edits")
@@ -1039,18 +1073,22 @@ def main(argv: list[str] | None = None) -> int:
                     "device": str(device)}))
     if rank == 0:
         check_run_options(args.out, {"vision_find": args.vision_find, "mrope_interleaved": args.mrope_interleaved,
+                                     "edit_source_input": args.edit_source_input,
                                      "ground": args.ground, "ground_readout": args.ground_readout,
                                      "ground_edits": args.ground_edits,
+                                     "ground_edit_words": args.ground_edit_words,
                                      # recorded only when set, so folders from before the option resume
                                      "ground_two_objects": args.ground_two_objects if args.ground_two_objects != 1.0
                                      else False,
                                      "ground_captions": args.ground_captions or False,
                                      "ground_edit_refs": args.ground_edit_refs})
-    model, tok = build_or_resume(args.out, args.seed, device, rank, mrope_interleaved=args.mrope_interleaved)
+    model, tok = build_or_resume(args.out, args.seed, device, rank, mrope_interleaved=args.mrope_interleaved,
+                                 edit_source_input=args.edit_source_input)
     stages = [replace(s, batch_size=args.batch_size) if args.batch_size else s for s in default_stages(args.scale)]
     if args.ground:
         stages = with_grounding(stages, readout_weight=1.0 if args.ground_readout else 0.0,
-                                two_object_weight=args.ground_two_objects, edits=args.ground_edits)
+                                two_object_weight=args.ground_two_objects, edits=args.ground_edits,
+                                edit_words=args.ground_edit_words)
     if args.ground_captions:
         stages = with_caption_grounding(stages, args.ground_captions, edits=args.ground_edit_refs)
     vq_done = vq_steps_done(args.out) >= args.vq_steps + args.vq_polish_steps
