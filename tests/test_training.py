@@ -604,6 +604,9 @@ def test_edit_source_input_feeds_each_cells_source_latent_to_the_position_that_p
     assert changed.nonzero().flatten().tolist() == sorted(batch.code_target_index.tolist())
     assert len(batch.code_target_index) == 2 * (48 // cfg.vq.downsample) * (80 // cfg.vq.downsample)
     torch.testing.assert_close(inputs[1][batch.code_target_index] - inputs[0][batch.code_target_index], latents)
+    from wallaroo_nodes.train.recipe import trainable_parameters
+    trained = {id(p) for p in trainable_parameters(model, "reader")}
+    assert all(id(p) in trained for p in model.edit_source_adapter.parameters())  # the stages update it
     with pytest.raises(Exception, match="edit_source_input needs has_edit"):
         dataclasses.replace(cfg, has_edit=False, edit_copy_source=False).validate()
 

@@ -515,6 +515,8 @@ def trainable_parameters(model: WallarooModel, mode: str) -> list[nn.Parameter]:
                  model.edit_image_head, model.edit_input_adapter, model.pixel_adapter]
         if model.cfg.edit_copy_source:
             parts.append(model.edit_copy_gate)
+        if model.cfg.edit_source_input:
+            parts.append(model.edit_source_adapter)
         if mode == "all":
             parts.append(model.visual)
     for p in parts:
