@@ -101,20 +101,14 @@ def slow_forward_last(model, embeds, positions, valid, next_pos, fed):
 
 
 @torch.no_grad()
-def slow_image_codes(model, prompts, vision, pixels, rows, cols, kind, cfg_scale, source_codes=None,
-                     source_inputs=None):
+def slow_image_codes(model, prompts, vision, pixels, rows, cols, kind, cfg_scale, source_codes=None):
     """`source_codes` (B, rows * cols): with `edit_copy_source`, cell k's logits gain the copy gate's score on
-    the source's code of cell k (written here as a one-hot sum, not the engine's scatter). `source_inputs`
-    (B, rows * cols, D): with `edit_source_input`, whatever input precedes cell k (the prompt's last token, a
-    code, an end-of-line token) has row k added."""
+    the source's code of cell k (written here as a one-hot sum, not the engine's scatter)."""
     head = {"generate": model.gen_image_head, "edit": model.edit_image_head}[kind]
     adapter = {"generate": model.gen_input_adapter, "edit": model.edit_input_adapter}[kind]
     codebook = F.normalize(model.vq.quantize.embedding.weight, dim=-1)
     eol = model.embed_tokens(torch.tensor(model.cfg.tokens["<|end_of_line>|"]))
     embeds, positions, valid, next_pos = prompt_batch(model, prompts, vision, pixels)
-    at = (lambda k: source_inputs[:, k]) if source_inputs is not None else (lambda k: 0)
-    embeds = embeds.clone()
-    embeds[:, -1] = embeds[:, -1] + at(0)
     guided = cfg_scale != 1.0
     n = len(prompts) // 2 if guided else len(prompts)
     fed, codes = [], torch.empty(n, rows, cols, dtype=torch.long)
@@ -130,10 +124,9 @@ def slow_image_codes(model, prompts, vision, pixels, rows, cols, kind, cfg_scale
             code = logits.argmax(-1)
             codes[:, r, c] = code
             e = adapter(codebook[code])
-            e = torch.cat([e, e]) if guided else e
-            fed.append(e + at(r * cols + c + 1) if c < cols - 1 else e)
+            fed.append(torch.cat([e, e]) if guided else e)
             if c == cols - 1 and r < rows - 1:
-                fed.append(eol.expand(len(prompts), -1) + at((r + 1) * cols))
+                fed.append(eol.expand(len(prompts), -1))
     return codes
 
 
@@ -205,31 +198,16 @@ def keep_source_env(copy_env):
     return Pipeline(model, copy_env.tokenizer)
 
 
-@pytest.fixture(scope="module")
-def aligned_env(copy_env):
-    """copy_env's model with the tiny model's source-latent input (`edit_source_input`), a random adapter."""
-    cfg = dataclasses.replace(copy_env.model.cfg, edit_source_input=True)
-    model = WallarooModel(cfg).eval().requires_grad_(False)
-    state = dict(copy_env.model.state_dict())
-    torch.manual_seed(5)
-    state["edit_source_adapter.weight"] = torch.randn(cfg.llm.hidden_size, cfg.vq.codebook_embed_dim) * 0.7
-    state["edit_source_adapter.bias"] = torch.zeros(cfg.llm.hidden_size)
-    model.load_state_dict(state)
-    return Pipeline(model, copy_env.tokenizer)
-
-
-@pytest.mark.parametrize("copy, keep_source, aligned", [(False, False, False), (True, False, False),
-                                                        (True, True, False), (True, False, True)])
-def test_edit_cached_equals_recomputed(env, copy_env, keep_source_env, aligned_env, recorded, copy, keep_source,
-                                       aligned):
-    pipe = aligned_env if aligned else keep_source_env if keep_source else copy_env if copy else env
+@pytest.mark.parametrize("copy, keep_source", [(False, False), (True, False), (True, True)])
+def test_edit_cached_equals_recomputed(env, copy_env, keep_source_env, recorded, copy, keep_source):
+    pipe = keep_source_env if keep_source else copy_env if copy else env
     tok, model = pipe.tokenizer, pipe.model
     src = source_image()  # 50x70 -> closest size 48x32 (h x w)
     out = pipe.edit(src, EDIT, cfg=2.0, temperature=0)
     size = images.closest_size(src.height, src.width, pipe.sizes)
     assert size == (48, 32)
     v = model.cfg.vision
-    prompts, vision, pixels, sources, latents = [], [], [], [], []
+    prompts, vision, pixels, sources = [], [], [], []
     # The unconditional branch: no instruction, and a black image, or the source itself for models so trained.
     uncond_image = src if keep_source else Image.new("RGB", src.size, (0, 0, 0))
     for image, text in ((src, EDIT), (uncond_image, "")):
@@ -238,12 +216,9 @@ def test_edit_cached_equals_recomputed(env, copy_env, keep_source_env, aligned_e
             vision.append(model.vision_embeddings(patches, torch.tensor([grid])))
             pixels.append(model.pixel_embeddings(images.vq_input(image, size))[0])
             sources.append(model.vq.encode(images.vq_input(image, size)).flatten())
-            if aligned:
-                latents.append(model.source_cell_inputs(model.vq.encode_features(images.vq_input(image, size)))[0])
         prompts.append(build_edit(tok, model.cfg, text, size, grid, lang="en"))
     source_codes = torch.stack(sources) if copy else None
-    source_inputs = torch.stack(latents) if aligned else None
-    ref = slow_image_codes(model, prompts, vision, pixels, 3, 2, "edit", 2.0, source_codes, source_inputs)
+    ref = slow_image_codes(model, prompts, vision, pixels, 3, 2, "edit", 2.0, source_codes)
     assert len(set(ref.flatten().tolist())) > 2
     assert torch.equal(recorded[-1].cpu(), ref)
     assert same_images(out, vq_images(model, ref))
@@ -251,10 +226,7 @@ def test_edit_cached_equals_recomputed(env, copy_env, keep_source_env, aligned_e
         # Guidance against the source itself decodes other codes than guidance against a black image.
         copy_env.edit(src, EDIT, cfg=2.0, temperature=0)
         assert not torch.equal(recorded[-1].cpu(), ref)
-    if aligned:
-        # The latents are used: the same weights without them decode other codes.
-        assert not torch.equal(slow_image_codes(model, prompts, vision, pixels, 3, 2, "edit", 2.0, source_codes), ref)
-    if copy and not keep_source and not aligned:
+    if copy and not keep_source:
         # The copy path is used: without it the same weights decode other codes, and with it more cells
         # take the source's code.
         plain = slow_image_codes(model, prompts, vision, pixels, 3, 2, "edit", 2.0)

@@ -580,37 +580,6 @@ def test_edit_copy_gate_scores_each_cells_source_code(setup):
     assert losses[0] == pytest.approx(torch.nn.functional.cross_entropy(head_out[0], target).item(), rel=1e-4)
 
 
-def test_edit_source_input_feeds_each_cells_source_latent_to_the_position_that_predicts_it(setup):
-    """--edit-source-input: training adds source cell k's adapted latent to the input of exactly the position that
-    predicts target code k (the prompt's last token, the previous code or an end-of-line token), and stage 4
-    starts the adapter at zero."""
-    import dataclasses
-    tok, cfg = setup
-    cfg = dataclasses.replace(cfg, edit_source_input=True)
-    torch.manual_seed(0)
-    model = WallarooModel(cfg).eval()
-    copy_generation_into_edit(model)
-    assert not model.edit_source_adapter.weight.any() and not model.edit_source_adapter.bias.any()
-    batch = collate([make_example("edit", random.Random(s), tok, cfg, [(48, 80)], uncond_prob=0.0) for s in (4, 5)],
-                    cfg)
-    inputs = []
-    model.model.register_forward_pre_hook(lambda mod, args: inputs.append(args[0].detach().flatten(0, 1).clone()))
-    with torch.no_grad():
-        TrainingModel(model)(batch)
-        torch.nn.init.normal_(model.edit_source_adapter.weight)
-        TrainingModel(model)(batch)
-        latents = model.source_cell_inputs(model.vq.encode_features(batch.pixel_sources)).flatten(0, 1)
-    changed = (inputs[1] - inputs[0]).abs().sum(-1) > 0
-    assert changed.nonzero().flatten().tolist() == sorted(batch.code_target_index.tolist())
-    assert len(batch.code_target_index) == 2 * (48 // cfg.vq.downsample) * (80 // cfg.vq.downsample)
-    torch.testing.assert_close(inputs[1][batch.code_target_index] - inputs[0][batch.code_target_index], latents)
-    from wallaroo_nodes.train.recipe import trainable_parameters
-    trained = {id(p) for p in trainable_parameters(model, "reader")}
-    assert all(id(p) in trained for p in model.edit_source_adapter.parameters())  # the stages update it
-    with pytest.raises(Exception, match="edit_source_input needs has_edit"):
-        dataclasses.replace(cfg, has_edit=False, edit_copy_source=False).validate()
-
-
 def test_object_start_cells_mark_where_each_object_begins_in_raster_order():
     # Hand-made code grids: background code 0, an object of codes 3/4 spanning two rows, and a diagonal
     # continuation (5) that belongs to the same object; a second object (7) starts apart from the first.

@@ -211,12 +211,6 @@ class WallarooConfig:
     # not, and decoded edits dropped the objects they should have kept (docs/tiny_model_runs.md, thirteenth
     # run).
     edit_copy_source: bool = False
-    # Tiny-model option, off for the official model: each edit position that predicts a cell also receives the
-    # edit source's VQ latent of that cell (through `edit_source_adapter`), so the cell sees what the source
-    # holds there without finding it in the pixel block. With the copy gate alone, edits of two objects named
-    # by colour, shape or size changed the wrong one about half the time (docs/tiny_model_runs.md,
-    # sixty-seventh run probes).
-    edit_source_input: bool = False
     # dtype the weights were saved in (informational; loading casts to the requested dtype).
     weights_dtype: str = "bfloat16"
 
@@ -229,8 +223,6 @@ class WallarooConfig:
             raise ConfigError(f"vision.out_hidden_size {self.vision.out_hidden_size} != llm.hidden_size {self.llm.hidden_size}")
         if self.edit_copy_source and not self.has_edit:
             raise ConfigError("edit_copy_source needs has_edit (it feeds the editing head)")
-        if self.edit_source_input and not self.has_edit:
-            raise ConfigError("edit_source_input needs has_edit (it feeds the edited image's cells)")
         missing = [t for t in REQUIRED_TOKENS if t not in self.tokens]
         if missing:
             raise ConfigError(f"config tokens table lacks {missing}")

@@ -15,7 +15,7 @@ Callers get a callback after each image row and a cancel check between rows; a c
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
@@ -120,16 +120,13 @@ def decode_image_codes(model: WallarooModel, prep: PreparedBatch, *, rows: int, 
                        cfg_scale: float, params: SamplingParams, generator: torch.Generator | None,
                        on_row: RowCallback | None = None, should_cancel: CancelCheck | None = None,
                        compiled: CompiledDecoder | None = None, kernel: str = "auto",
-                       source_codes: torch.Tensor | None = None,
-                       source_inputs: torch.Tensor | None = None) -> torch.Tensor:
+                       source_codes: torch.Tensor | None = None) -> torch.Tensor:
     """Sample a rows x cols grid of VQ codes for each conditional row.
 
     With guidance (cfg_scale != 1) the batch holds n conditional rows then n unconditional rows; otherwise
     it holds n conditional rows. The sequence is row 0 codes, EOL, row 1 codes, EOL, ... (no EOL after the
     last row). `source_codes` (B, rows * cols), for models with `edit_copy_source`: the edit source's code of
-    each cell, which the copy gate scores at that cell. `source_inputs` (B, rows * cols, D), for models with
-    `edit_source_input`: added to the input of the position that predicts each cell (the prompt's last token,
-    the previous code, or an end-of-line token). Returns (n, rows, cols) int64.
+    each cell, which the copy gate scores at that cell. Returns (n, rows, cols) int64.
     """
     guided = cfg_scale != 1.0
     total, prompt_len, dim = prep.embeds.shape
@@ -147,14 +144,6 @@ def decode_image_codes(model: WallarooModel, prep: PreparedBatch, *, rows: int, 
     two[:, 1] = model.embed_tokens(torch.tensor([eol_id], device=device))
     if source_codes is not None and source_codes.shape != (total, rows * cols):
         raise ValueError(f"source_codes must be {(total, rows * cols)}, got {tuple(source_codes.shape)}")
-    eol_embed = two[:, 1].clone()
-    if source_inputs is not None:
-        if source_inputs.shape != (total, rows * cols, dim):
-            raise ValueError(f"source_inputs must be {(total, rows * cols, dim)}, got {tuple(source_inputs.shape)}")
-        source_inputs = source_inputs.to(model.dtype)
-        embeds = prep.embeds.clone()
-        embeds[:, -1] += source_inputs[:, 0]  # the prompt's last token predicts cell 0 (prompts are left-padded)
-        prep = replace(prep, embeds=embeds)
     groups = total // n  # the code of conditional row i is fed to row i of each group (CFG: both branches)
     one_code, two_code = one[:, 0].unflatten(0, (groups, n)), two[:, 0].unflatten(0, (groups, n))
     codes = torch.empty(n, rows, cols, dtype=torch.long, device=device)
@@ -177,14 +166,10 @@ def decode_image_codes(model: WallarooModel, prep: PreparedBatch, *, rows: int, 
                 if c == cols - 1:
                     # The row's last code and the end-of-line token go in together: nothing is sampled between.
                     two_code.copy_(table.index_select(0, code))
-                    if source_inputs is not None:  # the end-of-line token predicts the next row's first cell
-                        two[:, 1] = eol_embed + source_inputs[:, (r + 1) * cols]
                     hidden = steps.step(two, cos.narrow(1, t, 2), sin.narrow(1, t, 2))
                     t += 2
                 else:
                     one_code.copy_(table.index_select(0, code))
-                    if source_inputs is not None:
-                        one[:, 0] += source_inputs[:, r * cols + c + 1]
                     hidden = steps.step(one, cos.narrow(1, t, 1), sin.narrow(1, t, 1))
                     t += 1
             if on_row is not None:

@@ -44,8 +44,6 @@ class WallarooModel(nn.Module):
             self.pixel_adapter = _mlp(code_dim, d, d)
             if cfg.edit_copy_source:
                 self.edit_copy_gate = nn.Linear(d, 1)
-            if cfg.edit_source_input:
-                self.edit_source_adapter = nn.Linear(code_dim, d)
         # Rotary tables are plain attributes, not buffers: `.to(bf16)` would round the frequencies.
         self._rope: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         self.attention_backend = "sdpa"
@@ -105,10 +103,6 @@ class WallarooModel(nn.Module):
     def pixel_embeddings_from_latents(self, z: torch.Tensor) -> torch.Tensor:
         """Edit-source VQ latents (B, h, w, C) -> (B, h*w, D) through the pixel adapter."""
         return self.pixel_adapter(z.flatten(1, 2).to(self.dtype))
-
-    def source_cell_inputs(self, z: torch.Tensor) -> torch.Tensor:
-        """Edit-source VQ latents (B, h, w, C) -> (B, h*w, D): what each edited cell's predicting position adds."""
-        return self.edit_source_adapter(z.flatten(1, 2).to(self.dtype))
 
     def add_source_copy(self, logits: torch.Tensor, hidden: torch.Tensor, source_codes: torch.Tensor) -> torch.Tensor:
         """Edit logits (N, codes) plus the copy gate's score (from hidden (N, D)) on each row's source code (N,)."""

@@ -116,8 +116,7 @@ class Pipeline:
 
     def _image_run(self, kind: str, prep: PreparedBatch, size: tuple[int, int], cfg: float,
                    params: SamplingParams, seed: int | None, on_row: RowCallback | None,
-                   should_cancel: CancelCheck | None, source_codes: torch.Tensor | None = None,
-                   source_inputs: torch.Tensor | None = None) -> list[Image.Image]:
+                   should_cancel: CancelCheck | None, source_codes: torch.Tensor | None = None) -> list[Image.Image]:
         ds = self.config.vq.downsample
         rows, cols = size[0] // ds, size[1] // ds
 
@@ -138,8 +137,6 @@ class Pipeline:
             on_row(RowProgress(done, rows, preview))
 
         extra = {} if source_codes is None else {"source_codes": source_codes}  # old-signature wrappers keep working
-        if source_inputs is not None:
-            extra["source_inputs"] = source_inputs
         codes = decode_image_codes(self.model, prep, rows=rows, cols=cols, kind=kind, cfg_scale=cfg, params=params,
                                    generator=_generator(seed, self.model.device), on_row=row_done,
                                    should_cancel=should_cancel, **self._decode_options(), **extra)
@@ -262,8 +259,8 @@ class Pipeline:
             keep = self.config.protocol.edit_uncond_keeps_source
             rows += [(src if keep else Image.new("RGB", src.size, (0, 0, 0)), "") for src in loaded]
         langs = [language_of(t) for t in instructions] * (2 if scale != 1.0 else 1)
-        prompts, vision, pixels, source_codes, source_inputs = [], [], [], [], []
-        copy, aligned = self.config.edit_copy_source, self.config.edit_source_input
+        prompts, vision, pixels, source_codes = [], [], [], []
+        copy = self.config.edit_copy_source
         for (src, text), lang in zip(rows, langs):
             feats, grid = self._vision(src, v.edit_min_pixels, v.edit_max_pixels)
             vq_pixels = images.vq_input(src, size).to(self.model.device)
@@ -273,13 +270,10 @@ class Pipeline:
                 px = self.model.pixel_embeddings_from_latents(z)[0]
                 if copy:
                     source_codes += [self.model.vq.quantize_features(z).flatten()] * n
-                if aligned:
-                    source_inputs += [self.model.source_cell_inputs(z)[0]] * n
             p = build_edit(self.tokenizer, self.config, text, size, grid, lang=lang)
             prompts += [p] * n
             vision += [feats] * n
             pixels += [px] * n
         prep = self._prepare(prompts, vision, pixels)
         return self._image_run("edit", prep, size, scale, params, seed, on_row, should_cancel,
-                               torch.stack(source_codes) if copy else None,
-                               torch.stack(source_inputs) if aligned else None)
+                               torch.stack(source_codes) if copy else None)

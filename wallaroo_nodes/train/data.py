@@ -214,8 +214,8 @@ def make_example(task: str, rng: random.Random, tok: TextTokenizer, cfg: Wallaro
         prompt = build_edit(tok, cfg, instruction, canvas, grid, lang=lang)
         grounds = [grounding(0, scene, named_obj, grid, cfg)] if ground_edits and named_obj else []
         if ground_edit_words and named_obj:
-            # The instruction follows both source images, so its naming words can fetch the named object; the
-            # edited image's cells then read where it is from them (attribute-only references were chance).
+            # The instruction follows both source images, so its naming words can fetch the named object for the
+            # edited image's cells to read (edits naming it by colour, shape or size alone were chance).
             last = text_token_positions(tok, prompt, instruction, [span])[0][-1]
             grounds = [grounding(0, scene, named_obj, grid, cfg)._replace(prompt_query=last)]
         refs = caption_grounding(tok, cfg, prompt, scene, instruction, [(named_obj, *span)]) \

@@ -110,8 +110,9 @@ class Stage:
     ground_edits: bool = False
     # The same grounding queried from the instruction's last token that names the object instead of the first
     # code: the instruction follows both source images, so its words can fetch the object for the cells to read.
-    # Two-object edits named by colour, shape or size alone failed about half the time, by position about one
-    # in six (sixty-sixth run, docs/tiny_model_runs.md). Needs ground_weight; not with ground_edits.
+    # Two-object edits named by colour, shape or size alone fail 0.56, chance, in every run (by their place 0.01-0.15).
+    # 500 probe steps on a finished model: the words found the object (grounding loss 1.05 -> 0.12), the edits
+    # did not follow (sixty-seventh run, docs/tiny_model_runs.md). Needs ground_weight; not with ground_edits.
     ground_edit_words: bool = False
     # Weight of caption grounding in generation batches: from the position that predicts each object's first cell,
     # head `caption_ground_head` is taught to look at the caption phrase that describes the object, and probes
@@ -191,14 +192,11 @@ def with_grounding(stages: list[Stage], weight: float = 1.0, readout_weight: flo
             if grounded(s) else s for s in stages]
 
 
-def tiny_model_config(tokens: dict[str, int], vocab_size: int, mrope_interleaved: bool = False,
-                      edit_source_input: bool = False) -> WallarooConfig:
+def tiny_model_config(tokens: dict[str, int], vocab_size: int, mrope_interleaved: bool = False) -> WallarooConfig:
     """The architecture of the bundled tiny model: same code paths as 7B, sized for two CPU cores.
 
     `mrope_interleaved` (`--mrope-interleaved`; thirty-ninth run, docs/tiny_model_runs.md) gives image columns
-    rotary frequencies that turn across a scene; the bundle keeps Qwen2.5-VL's sectioned layout.
-    `edit_source_input` (`--edit-source-input`; WallarooConfig.edit_source_input) feeds each edited cell the
-    source's latent there."""
+    rotary frequencies that turn across a scene; the bundle keeps Qwen2.5-VL's sectioned layout."""
     # A dropped edit prompt keeps its source and learns it unchanged, not the reference's black image: on the
     # same stage 3 it took unguided editing 0.34 -> 0.40 of 400 held-out edits (twenty-second run,
     # docs/tiny_model_runs.md).
@@ -226,8 +224,7 @@ def tiny_model_config(tokens: dict[str, int], vocab_size: int, mrope_interleaved
         # (0.04 -> 0.13).
         sampling=SamplingDefaults(generate_cfg=1.5, generate_temperature=0.5, generate_top_k=50, edit_cfg=1.0,
                                   edit_temperature=0.2, edit_top_k=50, understand_max_new_tokens=48),
-        tokens=tokens, has_edit=True, edit_copy_source=True, edit_source_input=edit_source_input,
-        weights_dtype="float32")
+        tokens=tokens, has_edit=True, edit_copy_source=True, weights_dtype="float32")
     cfg.validate()
     return cfg
 
@@ -393,10 +390,6 @@ class TrainingModel(nn.Module):
                     weights = 1.0 + (self.first_cell_weight - 1.0) * starts.flatten().float()
             fed = m.input_adapter(kind)(m.vq.codebook_entries(codes))
             flat = flat.index_copy(0, batch.code_input_index.to(dev), fed)
-            if kind == "edit" and m.cfg.edit_source_input:
-                # Source and target share the canvas: source cell k is what target code k's predictor sees.
-                aligned = m.source_cell_inputs(z).flatten(0, 1).to(flat.dtype)
-                flat = flat.index_add(0, batch.code_target_index.to(dev), aligned)
         ground_weight, ground_head, readout_weight, probes = self.grounding_setup(batch)
         grounding = ground_weight > 0 and batch.ground_query_index is not None
         if grounding and batch.ground_cells is not None:
@@ -515,8 +508,6 @@ def trainable_parameters(model: WallarooModel, mode: str) -> list[nn.Parameter]:
                  model.edit_image_head, model.edit_input_adapter, model.pixel_adapter]
         if model.cfg.edit_copy_source:
             parts.append(model.edit_copy_gate)
-        if model.cfg.edit_source_input:
-            parts.append(model.edit_source_adapter)
         if mode == "all":
             parts.append(model.visual)
     for p in parts:
@@ -671,10 +662,6 @@ def copy_generation_into_edit(model: WallarooModel) -> None:
         # model learns from the instruction where to override it.
         nn.init.zeros_(model.edit_copy_gate.weight)
         nn.init.constant_(model.edit_copy_gate.bias, COPY_GATE_START)
-    if model.cfg.edit_source_input:
-        # Zero: the cells start as the copy path left them and learn what the source's latent tells them.
-        nn.init.zeros_(model.edit_source_adapter.weight)
-        nn.init.zeros_(model.edit_source_adapter.bias)
 
 
 def stage_objects(stage: Stage, task: str, rng: random.Random) -> int | None:
@@ -802,17 +789,16 @@ def run_stage(index: int, stage: Stage, model: WallarooModel, tok: TextTokenizer
 
 
 def load_training_state(model: WallarooModel, state: dict[str, torch.Tensor]) -> None:
-    """Load a run folder's weights strictly, except that checkpoints from before `edit_copy_gate` and
-    `edit_source_adapter` existed may lack them (stage 4 initialises them; stages 0-3 never use them)."""
+    """Load a run folder's weights strictly, except that checkpoints from before `edit_copy_gate` existed may
+    lack it (stage 4 initialises it; stages 0-3 never use it)."""
     missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.startswith(("edit_copy_gate.", "edit_source_adapter."))]
+    missing = [k for k in missing if not k.startswith("edit_copy_gate.")]
     if missing or unexpected:
         raise RuntimeError(f"checkpoint does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
 
 def build_or_resume(out: Path, seed: int, device: torch.device, rank: int,
-                    mrope_interleaved: bool = False,
-                    edit_source_input: bool = False) -> tuple[WallarooModel, TextTokenizer]:
+                    mrope_interleaved: bool = False) -> tuple[WallarooModel, TextTokenizer]:
     """Tokenizer (trained once), then the model, initialised from the last finished stage if any."""
     tok_path = out / "tokenizer.json"
     meta_path = out / "tokens.json"
@@ -824,7 +810,7 @@ def build_or_resume(out: Path, seed: int, device: torch.device, rank: int,
     table = json.loads(meta_path.read_text())
     from tokenizers import Tokenizer
     vocab = (Tokenizer.from_file(str(tok_path)).get_vocab_size() + 63) // 64 * 64
-    cfg = tiny_model_config(table, vocab, mrope_interleaved=mrope_interleaved, edit_source_input=edit_source_input)
+    cfg = tiny_model_config(table, vocab, mrope_interleaved=mrope_interleaved)
     torch.manual_seed(seed)
     model = WallarooModel(cfg).to(device)
     _init_weights(model)
@@ -1017,9 +1003,6 @@ def main(argv: list[str] | None = None) -> int:
                         help="vision pretraining also finds each object from a description (thirty-eighth run)")
     parser.add_argument("--mrope-interleaved", action="store_true",
                         help="the LLM's M-RoPE in Qwen3-VL's interleaved layout (thirty-ninth run)")
-    parser.add_argument("--edit-source-input", action="store_true",
-                        help="each edited cell also receives the edit source's VQ latent at that cell (sixty-seventh "
-                             "run; WallarooConfig.edit_source_input)")
     parser.add_argument("--ground", action=argparse.BooleanOptionalAction, default=True,
                         help="the grounding loss in every stage with understanding, from stage 0 on (forty-first run; "
                              "on by default since the forty-third run became the bundle)")
@@ -1034,7 +1017,7 @@ def main(argv: list[str] | None = None) -> int:
                              "predicts their first code (forty-fifth run)")
     parser.add_argument("--ground-edit-words", action="store_true",
                         help="with --ground, edits that name an object are grounded from the instruction's last "
-                             "token that names it (sixty-seventh run)")
+                             "token that names it (sixty-seventh run's probe; off)")
     parser.add_argument("--ground-captions", type=float, default=GROUND_CAPTIONS, metavar="W",
                         help="caption grounding at weight W in every stage that trains generation past alignment: "
                              "each generated object's first drawn cell looks up its caption phrase (fifty-fifth run; "
@@ -1075,7 +1058,6 @@ def main(argv: list[str] | None = None) -> int:
                     "device": str(device)}))
     if rank == 0:
         check_run_options(args.out, {"vision_find": args.vision_find, "mrope_interleaved": args.mrope_interleaved,
-                                     "edit_source_input": args.edit_source_input,
                                      "ground": args.ground, "ground_readout": args.ground_readout,
                                      "ground_edits": args.ground_edits,
                                      "ground_edit_words": args.ground_edit_words,
@@ -1084,8 +1066,7 @@ def main(argv: list[str] | None = None) -> int:
                                      else False,
                                      "ground_captions": args.ground_captions or False,
                                      "ground_edit_refs": args.ground_edit_refs})
-    model, tok = build_or_resume(args.out, args.seed, device, rank, mrope_interleaved=args.mrope_interleaved,
-                                 edit_source_input=args.edit_source_input)
+    model, tok = build_or_resume(args.out, args.seed, device, rank, mrope_interleaved=args.mrope_interleaved)
     stages = [replace(s, batch_size=args.batch_size) if args.batch_size else s for s in default_stages(args.scale)]
     if args.ground:
         stages = with_grounding(stages, readout_weight=1.0 if args.ground_readout else 0.0,
