@@ -374,6 +374,30 @@ def test_eval_cases_name_either_of_two_objects(task, offset):
     assert 0.3 <= named[0] / total <= 0.7, named  # left-hand (first) object
 
 
+def test_eval_edit_cases_say_whether_they_name_one_of_two_objects_by_place_or_by_looks():
+    """`editing.by_reference` splits two-object edits by how the instruction names the object: by its place (which
+    a cell can check against its own column) or by colour, shape and size alone (which it must find)."""
+    from collections import Counter
+    from wallaroo_nodes.eval.shapes_eval import _cases
+    from wallaroo_nodes.shapes.text import _PLACE, reference_names_place
+    seen = Counter()
+    for c in _cases("edit", 432, 30_000_000):
+        two = len(c["scene"].objects) == 2
+        named = [o for o in c["scene"].objects if o not in c["target"].objects]
+        if not two or c["kind"] in ("add", "background"):
+            assert c["reference"] is None
+            continue
+        assert len(named) == 1
+        places = _PLACE[c["lang"]][named[0].position]
+        # A move's destination is another place than the named object's, so its words never match these.
+        assert (c["reference"] == "place") == any(p in c["instruction"] for p in places), c
+        seen[c["reference"]] += 1
+    assert seen["place"] >= 20 and seen["looks"] >= 20, seen
+    assert reference_names_place("the red circle on the left", Obj("circle", "red", "large", "left"), "en")
+    assert not reference_names_place("the red circle", Obj("circle", "red", "large", "left"), "en")
+    assert reference_names_place("左边的红色圆形", Obj("circle", "red", "large", "left"), "zh")
+
+
 def test_question_answer_about_names_the_object_its_answer_is_about():
     from wallaroo_nodes.shapes import question_answer_about
     from wallaroo_nodes.shapes.text import _w

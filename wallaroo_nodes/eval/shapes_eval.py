@@ -20,7 +20,8 @@ from PIL import Image, ImageDraw
 
 from ..engine.pipeline import Pipeline
 from ..shapes import (ATTRIBUTES, CANVAS_SIZES, EDIT_KINDS, LANGS, QA_KINDS, analyse, caption, compare,
-                      edit_instruction, edit_kinds, question_answer, render, scene_from_seed, scene_matches)
+                      edit_instruction_with_span, edit_kinds, question_answer, render, scene_from_seed, scene_matches)
+from ..shapes.text import reference_names_place
 
 EVAL_SEED_BASE = 1 << 40
 # The bars of the tiny model (issue: a tiny Wallaroo ...), as fractions.
@@ -80,9 +81,12 @@ def _cases(task: str, n: int, offset: int) -> list[dict]:
             scene = scene_from_seed(seed, canvas=canvas, n_objects=n_obj)
             if kind not in edit_kinds(scene):
                 kind = rng.choice(edit_kinds(scene))
-            instruction, target = edit_instruction(scene, lang, rng, kind=kind)
+            instruction, target, named, span = edit_instruction_with_span(scene, lang, rng, kind=kind)
+            # How an edit names one of two objects: by its place, or by its looks alone (colour, shape, size).
+            reference = None if named is None or len(scene.objects) < 2 else \
+                "place" if reference_names_place(instruction[span[0]:span[1]], named, lang) else "looks"
             out.append({"scene": scene, "target": target, "lang": lang, "size": canvas,
-                        "instruction": instruction, "kind": kind})
+                        "instruction": instruction, "kind": kind, "reference": reference})
     return out
 
 
@@ -151,13 +155,15 @@ def evaluate(pipe: Pipeline, n: int = 200, *, cfg: float | None = None, top_k: i
                     checks = compare(c["target"], analyse(im))
                     ok = checks["all"]
                     rows.append({"ok": ok, "lang": c["lang"], "size": _size_name(size), "kind": c["kind"],
-                                 "checks": checks})
+                                 "reference": c["reference"], "checks": checks})
                     if len(samples["editing"]) < keep_images:
                         samples["editing"].append((c["instruction"], src, im, ok))
                 done += len(chunk)
                 say("editing", done, len(cases))
         report["editing"] = {"success": _rate([r["ok"] for r in rows]), "by_language": _breakdown(rows, "lang"),
                              "by_size": _breakdown(rows, "size"), "by_kind": _breakdown(rows, "kind"),
+                             # Two-object edits naming one object, by how they name it (None rows left out).
+                             "by_reference": _breakdown([r for r in rows if r["reference"]], "reference"),
                              "by_attribute": _by_attribute(rows)}
 
     report["bars"] = {k: {"bar": v, "value": _get(report, k), "pass": (_get(report, k) or 0) >= v}

@@ -248,6 +248,12 @@ def edit_instruction_about(scene: Scene, lang: str, rng: random.Random,
     return text, target, obj
 
 
+def reference_names_place(phrase: str, obj: Obj, lang: str) -> bool:
+    """Whether a phrase that names `obj` (a `reference`) says where it is, not only what it looks like."""
+    _check_lang(lang)
+    return any(place in phrase for place in _PLACE[lang][obj.position])
+
+
 def edit_instruction_with_span(scene: Scene, lang: str, rng: random.Random, kind: str | None = None
                                ) -> tuple[str, Scene, Obj | None, tuple[int, int] | None]:
     """`edit_instruction_about`'s triple (same draws) and the [start, end) characters of the phrase that names the
