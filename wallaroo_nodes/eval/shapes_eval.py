@@ -20,8 +20,8 @@ from PIL import Image, ImageDraw
 
 from ..engine.pipeline import Pipeline
 from ..shapes import (ATTRIBUTES, CANVAS_SIZES, EDIT_KINDS, LANGS, QA_KINDS, analyse, caption, compare,
-                      edit_instruction_with_span, edit_kinds, question_answer, render, scene_from_seed, scene_matches)
-from ..shapes.text import reference_names_place
+                      edit_instruction_with_span, edit_kinds, question_answer, reference_names_place, render,
+                      scene_from_seed, scene_matches)
 
 EVAL_SEED_BASE = 1 << 40
 # The bars of the tiny model (issue: a tiny Wallaroo ...), as fractions.

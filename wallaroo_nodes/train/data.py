@@ -127,10 +127,12 @@ def caption_grounding(tok: TextTokenizer, cfg: WallarooConfig, prompt: Prompt, s
                              len(scene.objects)) for (obj, _, _), phrase in zip(spans, positions)]
 
 
-def grounding(turn: int, scene: Scene, obj: Obj, grid: tuple[int, int, int], cfg: WallarooConfig) -> Grounding:
-    """The Grounding of an answer (turn) or edit (turn 0) about `obj` in `scene`, seen through a vision `grid`."""
+def grounding(turn: int, scene: Scene, obj: Obj, grid: tuple[int, int, int], cfg: WallarooConfig,
+              prompt_query: int | None = None) -> Grounding:
+    """The Grounding of an answer (turn) or edit (turn 0) about `obj` in `scene`, seen through a vision `grid`
+    (queried from prompt position `prompt_query` when given)."""
     mask = object_token_mask(scene, obj, grid, cfg.vision.spatial_merge_size)
-    return Grounding(turn, mask, readout_fields(obj), len(scene.objects))
+    return Grounding(turn, mask, readout_fields(obj), len(scene.objects), prompt_query)
 
 
 def make_example(task: str, rng: random.Random, tok: TextTokenizer, cfg: WallarooConfig,
@@ -212,12 +214,13 @@ def make_example(task: str, rng: random.Random, tok: TextTokenizer, cfg: Wallaro
                 instruction, source = "", Image.new("RGB", source.size, (0, 0, 0))
         patches, grid = images.vision_inputs(source, cfg.vision, cfg.vision.edit_min_pixels, cfg.vision.edit_max_pixels)
         prompt = build_edit(tok, cfg, instruction, canvas, grid, lang=lang)
-        grounds = [grounding(0, scene, named_obj, grid, cfg)] if ground_edits and named_obj else []
-        if ground_edit_words and named_obj:
-            # The instruction follows both source images, so its naming words can fetch the named object for the
-            # edited image's cells to read (edits naming it by colour, shape or size alone were chance).
-            last = text_token_positions(tok, prompt, instruction, [span])[0][-1]
-            grounds = [grounding(0, scene, named_obj, grid, cfg)._replace(prompt_query=last)]
+        grounds = []
+        if (ground_edits or ground_edit_words) and named_obj:
+            # With ground_edit_words the query is the last word naming the object: the instruction follows both
+            # source images, so its words can fetch the object for the edited image's cells to read (edits naming
+            # it by colour, shape or size alone were chance).
+            query = text_token_positions(tok, prompt, instruction, [span])[0][-1] if ground_edit_words else None
+            grounds = [grounding(0, scene, named_obj, grid, cfg, query)]
         refs = caption_grounding(tok, cfg, prompt, scene, instruction, [(named_obj, *span)]) \
             if ground_edit_refs and named_obj else []
         return Example(task, prompt, target_image=render(target), source_image=source, vision_grid=grid,

@@ -110,9 +110,10 @@ class Stage:
     ground_edits: bool = False
     # The same grounding queried from the instruction's last token that names the object instead of the first
     # code: the instruction follows both source images, so its words can fetch the object for the cells to read.
-    # Two-object edits named by colour, shape or size alone fail 0.56, chance, in every run (by their place 0.01-0.15).
-    # 500 probe steps on a finished model: the words found the object (grounding loss 1.05 -> 0.12), the edits
-    # did not follow (sixty-seventh run, docs/tiny_model_runs.md). Needs ground_weight; not with ground_edits.
+    # Two-object edits named by colour, shape or size alone succeed 0.36-0.43, named by place 0.84-0.92 (eval's
+    # `editing.by_reference`). 500 probe steps on a finished model: the words found the object (grounding loss
+    # 1.05 -> 0.12), the edits did not follow (sixty-seventh run, docs/tiny_model_runs.md). Needs ground_weight;
+    # not with ground_edits.
     ground_edit_words: bool = False
     # Weight of caption grounding in generation batches: from the position that predicts each object's first cell,
     # head `caption_ground_head` is taught to look at the caption phrase that describes the object, and probes
