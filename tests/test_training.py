@@ -1124,8 +1124,48 @@ def test_edit_ref_grounding_queries_the_named_objects_first_changed_cell_and_key
         make_example("edit", random.Random(0), tok, cfg, [canvas], ground_edits=True, ground_edit_refs=True)
 
 
+def test_two_hop_edit_grounding_keeps_each_hop_as_it_is_alone(bundle):
+    """--ground-edit-words with --ground-edit-refs: one batch grounds the naming words on the vision tokens (head
+    (2, 0)) and the first changed cell on the words (head (2, 2)); each hop's queries, keys and losses are those of
+    the same batch grounded by that hop alone."""
+    model, tok = bundle
+    cfg = model.cfg
+    draws = {"uncond_prob": 0.1, "edit_kind_weights": {"add": 0.2, "background": 0.2}, "n_objects": 2}
+    both, words, refs = [], [], []
+    for seed in range(16):
+        e = make_example("edit", random.Random(seed), tok, cfg, [(64, 64)], ground_edit_words=True,
+                         ground_edit_refs=True, **draws)
+        if not e.ground:
+            continue
+        assert len(e.ground) == len(e.caption_ground) == 1
+        both.append(e)
+        words.append(make_example("edit", random.Random(seed), tok, cfg, [(64, 64)], ground_edit_words=True, **draws))
+        refs.append(make_example("edit", random.Random(seed), tok, cfg, [(64, 64)], ground_edit_refs=True, **draws))
+        assert words[-1].prompt.ids == refs[-1].prompt.ids == e.prompt.ids
+    assert len(both) >= 6
+    mixed, by_words, by_refs = (collate(x, cfg) for x in (both, words, refs))
+    # Per example: its words' query (vision keys), then its cell query (word keys).
+    assert mixed.ground_by_cell.tolist() == [False, True] * len(both)
+    assert mixed.ground_query_index[~mixed.ground_by_cell].tolist() == by_words.ground_query_index.tolist()
+    assert mixed.ground_fields[mixed.ground_by_cell].tolist() == by_refs.ground_fields.tolist()
+    trainer = TrainingModel(model, ground_weight=1.0, ground_readout_weight=1.0, caption_ground_weight=1.0,
+                            ground_two_object_weight=3.0)
+    assert [g[0] for g in trainer.grounding_groups(mixed)] == ["ground", "ref_ground"]
+    assert [g[3] for g in trainer.grounding_groups(mixed)] == [(2, 0), (2, 2)]
+    with torch.no_grad():
+        loss, parts = trainer(mixed)
+        _, word_parts = trainer(by_words)
+        _, ref_parts = trainer(by_refs)
+    for mine, alone in (("ground", word_parts["ground"]), ("readout", word_parts["readout"]),
+                        ("ref_ground", ref_parts["ground"]), ("ref_readout", ref_parts["readout"])):
+        assert parts[mine] > 0 and abs(parts[mine] - alone) < 1e-4 * max(1.0, alone), (mine, parts[mine], alone)
+    assert abs(parts["image"] - word_parts["image"]) < 1e-5
+    assert abs(loss.item() - sum(parts.values())) < 1e-3 * loss.item()
+
+
 def test_ground_edit_refs_option_grounds_the_edits_of_caption_grounded_stages(setup, tmp_path):
-    from wallaroo_nodes.train.recipe import check_run_options, run_option_flags, with_caption_grounding
+    from wallaroo_nodes.train.recipe import (check_run_options, run_option_flags, with_caption_grounding,
+                                             with_grounding)
     stages = with_caption_grounding(default_stages(), 1.0, edits=True)
     assert [s.caption_ground_edits for s in stages] == [False, False, False, False, True]
     assert not any(s.caption_ground_edits for s in with_caption_grounding(default_stages(), 1.0))
@@ -1134,9 +1174,11 @@ def test_ground_edit_refs_option_grounds_the_edits_of_caption_grounded_stages(se
     check_run_options(tmp_path, {**defaults, "ground_edit_refs": True})
     with pytest.raises(SystemExit, match="started with --ground-edit-refs "):
         check_run_options(tmp_path, {**defaults, "ground_edit_refs": False})
-    for flags in (["--ground-captions", "0"], ["--ground-edits"]):
+    for flags in (["--ground-captions", "0"], ["--ground-edits"], ["--ground-edit-words", "--ground-edits"]):
         with pytest.raises(SystemExit):
             main(["--out", str(tmp_path / "x"), "--ground-edit-refs", *flags])
+    two_hops = with_caption_grounding(with_grounding(default_stages(), edit_words=True), 1.0, edits=True)
+    assert [(s.ground_edit_words, s.caption_ground_edits) for s in two_hops][-1] == (True, True)
     assert not (tmp_path / "x").exists()
     with pytest.raises(ValueError, match="needs caption_ground_weight > 0"):
         run_stage(4, Stage("4", 2, 1e-3, {"edit": 1.0}, [(64, 64)], caption_ground_edits=True), None, None,

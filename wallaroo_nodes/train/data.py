@@ -152,12 +152,14 @@ def make_example(task: str, rng: random.Random, tok: TextTokenizer, cfg: Wallaro
     instruction that names an object of the source, and with `ground_captions` each object a generation caption
     describes (`Example.caption_ground`); with `ground_edit_refs` an edit records the named source object's cells
     and the words that name it there instead; with `ground_edit_words` an edit's grounding (as `ground_edits`)
-    is queried from the last instruction token that names the object. The draws are the same either way.
+    is queried from the last instruction token that names the object. Both together are two hops: the words
+    fetch the object from the vision tokens, the first changed cell fetches the words. The draws are the same
+    either way.
     """
-    if sum((ground_edits, ground_edit_refs, ground_edit_words)) > 1:
-        raise ValueError("ground_edits (from the first code), ground_edit_words (from the naming words) and "
-                         "ground_edit_refs (the caption head) ground the same edits from different queries; "
-                         "choose one")
+    if ground_edits and (ground_edit_refs or ground_edit_words):
+        raise ValueError("ground_edits (from the first code) grounds the same edits as ground_edit_words (from the "
+                         "naming words) and ground_edit_refs (the caption head), from another query: choose one, "
+                         "ground_edits or the others (alone or together)")
     for name, weights, kinds in (("qa_kind_weights", qa_kind_weights, QA_KINDS),
                                  ("edit_kind_weights", edit_kind_weights, EDIT_KINDS)):
         unknown = set(weights or ()) - set(kinds)
@@ -262,6 +264,9 @@ class Batch:
     # its example's first cell (the trainer sets ground_query_index from them and the codes).
     ground_cells: torch.Tensor | None = None          # (Q, rows * cols) bool
     ground_cell_base: torch.Tensor | None = None      # (Q,)
+    # With ground_cells: which queries are cells (the caption head's); the others (an edit's naming words, with
+    # `ground_edit_words` beside `ground_edit_refs`) keep their query and ground on the vision tokens.
+    ground_by_cell: torch.Tensor | None = None        # (Q,) bool
 
 
 def collate(examples: list[Example], cfg: WallarooConfig) -> Batch:
@@ -273,7 +278,8 @@ def collate(examples: list[Example], cfg: WallarooConfig) -> Batch:
     rows_ids, rows_pos = [], []
     vision_idx, pixel_idx, code_in, code_tgt, text_tgt, text_y = [], [], [], [], [], []
     ground_q, ground_k, ground_t, ground_f, ground_n = [], [], [], [], []
-    ground_cells, ground_cell_base = [], []
+    ground_cells: list[torch.Tensor | None] = []  # None: a vision-grounded query (no cells)
+    ground_cell_base = []
     seqs = []
     for e in examples:
         ids = list(e.prompt.ids)
@@ -311,6 +317,8 @@ def collate(examples: list[Example], cfg: WallarooConfig) -> Batch:
                 ground_t.append(mask)
                 ground_f.append(fields)
                 ground_n.append(scene_objects)
+                ground_cells.append(None)
+                ground_cell_base.append(0)
         for cells, phrase, fields, scene_objects in e.caption_ground:
             # The query (the position predicting the object's first drawn cell) needs the VQ's codes: the trainer
             # finds it from the cells and where this example's code targets begin.
@@ -339,10 +347,16 @@ def collate(examples: list[Example], cfg: WallarooConfig) -> Batch:
         return torch.tensor(values, dtype=torch.long) if values else None
 
     with_vision = [e for e in examples if e.vision_patches is not None]
-    if ground_cells:  # phrases differ in length: pad, never a target
+    by_cell = [c is not None for c in ground_cells]
+    if any(by_cell):  # phrases (and vision slots) differ in length: pad, never a target
         width = max(len(t) for t in ground_t)
         ground_k = [list(k) + [0] * (width - len(k)) for k in ground_k]
         ground_t = [F.pad(t, (0, width - len(t))) for t in ground_t]
+        # A batch holds one canvas, so every cell mask has the same length.
+        no_cells = torch.zeros_like(next(c for c in ground_cells if c is not None))
+        ground_cells = [no_cells if c is None else c for c in ground_cells]
+    else:
+        ground_cells, ground_cell_base = [], []
     return Batch(
         task=task, ids=ids, valid=valid, position_ids=torch.stack(rows_pos, dim=1),
         vision_patches=torch.cat([e.vision_patches for e in with_vision]) if with_vision else None,
@@ -358,4 +372,5 @@ def collate(examples: list[Example], cfg: WallarooConfig) -> Batch:
         ground_target=torch.stack(ground_t) if ground_t else None,
         ground_fields=torch.tensor(ground_f, dtype=torch.long) if ground_f else None,
         ground_scene_objects=idx(ground_n),
-        ground_cells=torch.stack(ground_cells) if ground_cells else None, ground_cell_base=idx(ground_cell_base))
+        ground_cells=torch.stack(ground_cells) if ground_cells else None, ground_cell_base=idx(ground_cell_base),
+        ground_by_cell=torch.tensor(by_cell) if ground_cells else None)

@@ -113,7 +113,8 @@ class Stage:
     # Two-object edits named by colour, shape or size alone succeed 0.36-0.43, named by place 0.84-0.92 (eval's
     # `editing.by_reference`). 500 probe steps on a finished model: the words found the object (grounding loss
     # 1.05 -> 0.12), the edits did not follow (sixty-seventh run, docs/tiny_model_runs.md). Needs ground_weight;
-    # not with ground_edits.
+    # not with ground_edits. With caption_ground_edits it is the first of two hops: the words fetch the object,
+    # the first changed cell fetches the words (TrainingModel.grounding_groups).
     ground_edit_words: bool = False
     # Weight of caption grounding in generation batches: from the position that predicts each object's first cell,
     # head `caption_ground_head` is taught to look at the caption phrase that describes the object, and probes
@@ -310,6 +311,15 @@ def first_drawn_cell_queries(batch: Batch, codes: torch.Tensor, source: torch.Te
     return batch.code_target_index.to(codes.device)[base + first]
 
 
+def ground_subset(batch: Batch, select: torch.Tensor) -> Batch:
+    """The batch with only the grounded queries `select` (Q,) bool keeps."""
+    at = select.nonzero().flatten().cpu()
+    fields = ("ground_query_index", "ground_key_index", "ground_target", "ground_fields", "ground_scene_objects",
+              "ground_cells", "ground_cell_base", "ground_by_cell")
+    return replace(batch, **{f: getattr(batch, f)[at.to(getattr(batch, f).device)] for f in fields
+                             if getattr(batch, f) is not None})
+
+
 def weighted_mean(values: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
     """Mean of `values`, each counted `weights` times (None: plain mean)."""
     return values.mean() if weights is None else (weights * values).sum() / weights.sum()
@@ -351,13 +361,24 @@ class TrainingModel(nn.Module):
         return {k: v for k, v in (("readout", self.readout), ("caption_readout", self.caption_readout))
                 if v is not None}
 
-    def grounding_setup(self, batch: Batch) -> tuple[float, tuple[int, int], float, nn.ModuleList | None]:
-        """For a batch: the grounding loss's weight, its head, the read-out's weight and its probes (caption
-        grounding's where its queries are cells: generation, and edits grounded by their words)."""
-        if batch.task == "generate" or batch.ground_cells is not None:
-            return self.caption_ground_weight, self.caption_ground_head, self.caption_ground_weight, \
-                self.caption_readout
-        return self.ground_weight, self.ground_head, self.ground_readout_weight, self.readout
+    def grounding_groups(self, batch: Batch) -> list[tuple[str, torch.Tensor | None, float, tuple[int, int], float,
+                                                           nn.ModuleList | None]]:
+        """For a batch: per group of grounded queries, its log name, which queries it takes (None: all), the
+        grounding loss's weight and head, and the read-out's weight and probes. Cell queries (generation, edits
+        grounded by their words) take caption grounding's; the others (answers, edits' first code or naming
+        words) the vision grounding's. An edit batch grounded both ways has both groups (two hops)."""
+        if batch.ground_query_index is None:
+            return []
+        vision = (self.ground_weight, self.ground_head, self.ground_readout_weight, self.readout)
+        cell = (self.caption_ground_weight, self.caption_ground_head, self.caption_ground_weight,
+                self.caption_readout)
+        if batch.task == "generate" or (batch.ground_by_cell is not None and bool(batch.ground_by_cell.all())):
+            groups = [("ground", None, *cell)]
+        elif batch.ground_by_cell is None:
+            groups = [("ground", None, *vision)]
+        else:
+            groups = [("ground", ~batch.ground_by_cell, *vision), ("ref_ground", batch.ground_by_cell, *cell)]
+        return [g for g in groups if g[2] > 0]
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         m, dev = self.model, self.model.device
@@ -391,20 +412,20 @@ class TrainingModel(nn.Module):
                     weights = 1.0 + (self.first_cell_weight - 1.0) * starts.flatten().float()
             fed = m.input_adapter(kind)(m.vq.codebook_entries(codes))
             flat = flat.index_copy(0, batch.code_input_index.to(dev), fed)
-        ground_weight, ground_head, readout_weight, probes = self.grounding_setup(batch)
-        grounding = ground_weight > 0 and batch.ground_query_index is not None
-        if grounding and batch.ground_cells is not None:
-            batch = replace(batch, ground_query_index=first_drawn_cell_queries(
-                batch, codes, None if source_grid is None else source_grid.flatten()))
-        captured: dict[str, torch.Tensor] = {}
+        groups = self.grounding_groups(batch)
+        if groups and batch.ground_cells is not None:
+            cell_queries = first_drawn_cell_queries(batch, codes, None if source_grid is None else source_grid.flatten())
+            batch = replace(batch, ground_query_index=torch.where(
+                batch.ground_by_cell.to(codes.device), cell_queries, batch.ground_query_index.to(codes.device)))
+        captured: dict[int, dict[str, torch.Tensor]] = {}
         hooks = []
-        if grounding:
-            attn = m.model.layers[ground_head[0]].self_attn
-            hooks = [attn.q_proj.register_forward_hook(lambda mod, inp, out: captured.__setitem__("q", out)),
-                     attn.k_proj.register_forward_hook(lambda mod, inp, out: captured.__setitem__("k", out))]
-            if probes is not None:  # o_proj's input: the heads' outputs side by side
-                hooks.append(attn.o_proj.register_forward_pre_hook(
-                    lambda mod, inp: captured.__setitem__("heads", inp[0])))
+        for layer in sorted({head[0] for _, _, _, head, _, _ in groups}):
+            attn, into = m.model.layers[layer].self_attn, captured.setdefault(layer, {})
+            hooks += [attn.q_proj.register_forward_hook(lambda mod, inp, out, into=into: into.__setitem__("q", out)),
+                      attn.k_proj.register_forward_hook(lambda mod, inp, out, into=into: into.__setitem__("k", out)),
+                      # o_proj's input: the heads' outputs side by side (for the read-out probes)
+                      attn.o_proj.register_forward_pre_hook(
+                          lambda mod, inp, into=into: into.__setitem__("heads", inp[0]))]
         try:
             hidden = m(flat.view(b, length, d), batch.position_ids.to(dev), batch.valid.to(dev))
         finally:
@@ -413,18 +434,19 @@ class TrainingModel(nn.Module):
         hidden = hidden.reshape(b * length, d)
         loss = hidden.new_zeros(())
         parts: dict[str, float] = {}
-        if grounding:
-            answer_weights = self.grounded_answer_weights(batch)
-            ground_loss = grounding_loss(captured["q"], captured["k"], batch.position_ids.to(dev), m,
-                                         ground_head[1], batch.ground_query_index.to(dev),
-                                         batch.ground_key_index.to(dev), batch.ground_target.to(dev), answer_weights)
+        for name, select, ground_weight, (layer, head), readout_weight, probes in groups:
+            group = batch if select is None else ground_subset(batch, select)
+            layer_out = captured[layer]
+            answer_weights = self.grounded_answer_weights(group)
+            ground_loss = grounding_loss(layer_out["q"], layer_out["k"], group.position_ids.to(dev), m, head,
+                                         group.ground_query_index.to(dev), group.ground_key_index.to(dev),
+                                         group.ground_target.to(dev), answer_weights)
             loss = loss + ground_weight * ground_loss
-            parts["ground"] = ground_loss.item()
+            parts[name] = ground_loss.item()
             if probes is not None:
-                readout_loss = self.grounded_readout_loss(captured["heads"], batch, probes, ground_head[1],
-                                                          answer_weights)
+                readout_loss = self.grounded_readout_loss(layer_out["heads"], group, probes, head, answer_weights)
                 loss = loss + readout_weight * readout_loss
-                parts["readout"] = readout_loss.item()
+                parts[name.replace("ground", "readout")] = readout_loss.item()
         if batch.text_target_index is not None:
             logits = m.lm_head(hidden[batch.text_target_index.to(dev)])
             text_loss = F.cross_entropy(logits.float(), batch.text_targets.to(dev))
@@ -726,9 +748,9 @@ def run_stage(index: int, stage: Stage, model: WallarooModel, tok: TextTokenizer
     if stage.caption_ground_edits and (stage.caption_ground_weight <= 0 or stage.ground_edits):
         raise ValueError(f"stage {stage.name}: caption_ground_edits grounds edits with the caption head, so it needs "
                          f"caption_ground_weight > 0 and ground_edits off")
-    if stage.ground_edit_words and (stage.ground_weight <= 0 or stage.ground_edits or stage.caption_ground_edits):
+    if stage.ground_edit_words and (stage.ground_weight <= 0 or stage.ground_edits):
         raise ValueError(f"stage {stage.name}: ground_edit_words adds edits to the grounding loss, so it needs "
-                         f"ground_weight > 0, and ground_edits and caption_ground_edits off")
+                         f"ground_weight > 0 and ground_edits off")
     if stage.ground_edits and stage.ground_weight <= 0:
         raise ValueError(f"stage {stage.name}: ground_edits adds edits to the grounding loss, so it needs "
                          f"ground_weight > 0")
@@ -1018,7 +1040,8 @@ def main(argv: list[str] | None = None) -> int:
                              "predicts their first code (forty-fifth run)")
     parser.add_argument("--ground-edit-words", action="store_true",
                         help="with --ground, edits that name an object are grounded from the instruction's last "
-                             "token that names it (sixty-seventh run's probe; off)")
+                             "token that names it (sixty-seventh run's probe; off); with --ground-edit-refs, two "
+                             "hops: words to object, first changed cell to words")
     parser.add_argument("--ground-captions", type=float, default=GROUND_CAPTIONS, metavar="W",
                         help="caption grounding at weight W in every stage that trains generation past alignment: "
                              "each generated object's first drawn cell looks up its caption phrase (fifty-fifth run; "
@@ -1037,9 +1060,9 @@ def main(argv: list[str] | None = None) -> int:
         # before the run folder records options it cannot train
         parser.error("--ground-readout, --ground-two-objects, --ground-edits and --ground-edit-words change the "
                      "grounding loss, which --no-ground turns off: drop --no-ground or them")
-    if args.ground_edit_words and (args.ground_edits or args.ground_edit_refs):
-        parser.error("--ground-edit-words, --ground-edits and --ground-edit-refs ground the same edits from "
-                     "different queries: choose one")
+    if args.ground_edit_words and args.ground_edits:
+        parser.error("--ground-edit-words and --ground-edits ground the same edits from different queries: choose "
+                     "one (--ground-edit-words goes with --ground-edit-refs: two hops)")
     if args.ground_edit_refs and (not args.ground_captions or args.ground_edits):
         parser.error("--ground-edit-refs grounds edits with the caption head: it needs --ground-captions above 0 "
                      "and cannot go with --ground-edits")
