@@ -373,12 +373,13 @@ class TrainingModel(nn.Module):
         vision = (self.ground_weight, self.ground_head, self.ground_readout_weight, self.readout)
         cell = (self.caption_ground_weight, self.caption_ground_head, self.caption_ground_weight,
                 self.caption_readout)
-        if batch.task == "generate" or (batch.ground_by_cell is not None and bool(batch.ground_by_cell.all())):
-            groups = [("ground", None, *cell)]
-        elif batch.ground_by_cell is None:
+        by_cell = batch.ground_by_cell  # None: no cell queries (generation batches always have them)
+        if by_cell is None:
             groups = [("ground", None, *vision)]
+        elif by_cell.all():
+            groups = [("ground", None, *cell)]
         else:
-            groups = [("ground", ~batch.ground_by_cell, *vision), ("ref_ground", batch.ground_by_cell, *cell)]
+            groups = [("ground", ~by_cell, *vision), ("ref_ground", by_cell, *cell)]
         return [g for g in groups if g[2] > 0]
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
