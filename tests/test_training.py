@@ -1163,6 +1163,53 @@ def test_two_hop_edit_grounding_keeps_each_hop_as_it_is_alone(bundle):
     assert abs(loss.item() - sum(parts.values())) < 1e-3 * loss.item()
 
 
+def test_edit_ref_head_grounds_edit_cells_through_its_own_head_and_probes(bundle, tmp_path):
+    """--edit-ref-head moves the edits' cell grounding (the second hop) off the caption head to a head and probes
+    of its own; generation keeps the caption head, and the option is recorded so a resume cannot drop it."""
+    from wallaroo_nodes.train.recipe import check_run_options, run_option_flags, with_caption_grounding
+    model, tok = bundle
+    cfg = model.cfg
+    draws = {"uncond_prob": 0.1, "edit_kind_weights": {"add": 0.2, "background": 0.2}, "n_objects": 2}
+    both = [e for e in (make_example("edit", random.Random(seed), tok, cfg, [(64, 64)], ground_edit_words=True,
+                                     ground_edit_refs=True, **draws) for seed in range(16)) if e.ground]
+    gens = [make_example("generate", random.Random(seed), tok, cfg, [(64, 64)], ground_captions=True, uncond_prob=0.0)
+            for seed in range(4)]
+    edits, generation = collate(both, cfg), collate(gens, cfg)
+    kw = {"ground_weight": 1.0, "ground_readout_weight": 1.0, "caption_ground_weight": 1.0}
+    own = TrainingModel(model, edit_ref_head=(3, 0), **kw)
+    shared = TrainingModel(model, **kw)
+    assert set(own.probes()) == {"readout", "caption_readout", "edit_ref_readout"}
+    assert [(g[0], g[3]) for g in own.grounding_groups(edits)] == [("ground", (2, 0)), ("ref_ground", (3, 0))]
+    assert own.grounding_groups(edits)[1][5] is own.edit_ref_readout
+    assert [(g[0], g[3]) for g in own.grounding_groups(generation)] == [("ground", (2, 2))]
+    assert own.grounding_groups(generation)[0][5] is own.caption_readout
+    with torch.no_grad():
+        _, own_parts = own(edits)
+        _, shared_parts = shared(edits)
+    # The first hop is the same; the second attends through another head, so its loss differs.
+    assert abs(own_parts["ground"] - shared_parts["ground"]) < 1e-5
+    assert abs(own_parts["ref_ground"] - shared_parts["ref_ground"]) > 1e-3
+    own.zero_grad()
+    loss, _ = own(edits)
+    loss.backward()
+    assert own.edit_ref_readout[0].weight.grad.abs().sum() > 0
+    assert own.caption_readout[0].weight.grad is None
+    with pytest.raises(ValueError, match="edit_ref_head"):
+        TrainingModel(model, edit_ref_head=(4, 0), **kw)
+    stages = with_caption_grounding(default_stages(), 1.0, edits=True, edit_head=(3, 0))
+    assert [s.edit_ref_head for s in stages] == [None, None, None, None, (3, 0)]
+    defaults = {"ground": True, "ground_readout": True, "ground_two_objects": 3.0, "ground_captions": 1.0}
+    recorded = {**defaults, "ground_edit_refs": True, "edit_ref_head": [3, 0]}
+    assert run_option_flags(recorded) == "--ground-edit-refs --edit-ref-head 3,0"
+    check_run_options(tmp_path, recorded)
+    with pytest.raises(SystemExit, match="--edit-ref-head 3,0"):
+        check_run_options(tmp_path, {**defaults, "ground_edit_refs": True, "edit_ref_head": False})
+    for flags in (["--edit-ref-head", "3,0"], ["--ground-edit-refs", "--edit-ref-head", "three"]):
+        with pytest.raises(SystemExit):
+            main(["--out", str(tmp_path / "x"), *flags])
+    assert not (tmp_path / "x").exists()
+
+
 def test_ground_edit_refs_option_grounds_the_edits_of_caption_grounded_stages(setup, tmp_path):
     from wallaroo_nodes.train.recipe import (check_run_options, run_option_flags, with_caption_grounding,
                                              with_grounding)

@@ -131,6 +131,12 @@ class Stage:
     # 0.58, move 0.68, recolour 0.70 of the fifty-fifth run's 2,000). Needs caption_ground_weight; not with
     # ground_edits.
     caption_ground_edits: bool = False
+    # The head (layer, head) that grounds those edits, with probes of its own; None: `caption_ground_head`. With
+    # ground_edit_words the edit's second hop (cell to words) must sit in a later layer than the first (words to
+    # object, `ground_head`): in the same layer the cell reads the words as they were before they fetched the
+    # object, so only their old looks (sixty-eighth run, where both were in layer 2). Its own head also leaves the
+    # caption head, which tells a generated cell what to draw, to generation.
+    edit_ref_head: tuple[int, int] | None = None
     # Added to the run's --seed for this stage's data: the bundle's stages 2-4 drew their examples from the
     # next seed after stages 0-1 (twentieth run, docs/tiny_model_runs.md), so one command draws that data order.
     seed_offset: int = 0
@@ -174,10 +180,13 @@ def default_stages(scale: float = 1.0) -> list[Stage]:
     ]
 
 
-def with_caption_grounding(stages: list[Stage], weight: float, edits: bool = False) -> list[Stage]:
+def with_caption_grounding(stages: list[Stage], weight: float, edits: bool = False,
+                           edit_head: tuple[int, int] | None = None) -> list[Stage]:
     """The stages with caption grounding at `weight` wherever they train generation with the LLM unfrozen (and,
-    with `edits`, the edits of those stages grounded by the words that name their object)."""
-    return [replace(s, caption_ground_weight=weight, caption_ground_edits=edits and "edit" in s.tasks)
+    with `edits`, the edits of those stages grounded by the words that name their object, through `edit_head` if
+    given)."""
+    return [replace(s, caption_ground_weight=weight, caption_ground_edits=edits and "edit" in s.tasks,
+                    edit_ref_head=edit_head if edits and "edit" in s.tasks else None)
             if "generate" in s.tasks and s.trainable != "align" else s for s in stages]
 
 
@@ -332,13 +341,14 @@ class TrainingModel(nn.Module):
     def __init__(self, model: WallarooModel, first_cell_weight: float = 1.0, edit_start_cells: str = "none",
                  ground_weight: float = 0.0, ground_head: tuple[int, int] = (2, 0), ground_readout_weight: float = 0.0,
                  ground_two_object_weight: float = 1.0, caption_ground_weight: float = 0.0,
-                 caption_ground_head: tuple[int, int] = (2, 2)):
+                 caption_ground_head: tuple[int, int] = (2, 2), edit_ref_head: tuple[int, int] | None = None):
         super().__init__()
         if ground_readout_weight > 0 and ground_weight <= 0:
             raise ValueError("ground_readout_weight reads the grounded head, so it needs ground_weight > 0")
         if edit_start_cells not in ("none", "objects", "objects+changes"):
             raise ValueError(f"unknown edit_start_cells {edit_start_cells!r}")
-        for name, (layer, head) in (("ground_head", ground_head), ("caption_ground_head", caption_ground_head)):
+        heads = [("ground_head", ground_head), ("caption_ground_head", caption_ground_head)]
+        for name, (layer, head) in heads + ([("edit_ref_head", edit_ref_head)] if edit_ref_head else []):
             if not (0 <= layer < model.cfg.llm.num_layers and 0 <= head < model.cfg.llm.num_heads):
                 raise ValueError(f"{name} {(layer, head)} is not a (layer, head) of this "
                                  f"{model.cfg.llm.num_layers}-layer, {model.cfg.llm.num_heads}-head LLM")
@@ -356,23 +366,31 @@ class TrainingModel(nn.Module):
         self.caption_ground_head = caption_ground_head
         self.caption_readout = nn.ModuleList(nn.Linear(model.cfg.llm.head_dim, len(values))
                                              for _, values in READOUT_FIELDS) if caption_ground_weight > 0 else None
+        self.edit_ref_head = edit_ref_head
+        self.edit_ref_readout = nn.ModuleList(nn.Linear(model.cfg.llm.head_dim, len(values))
+                                              for _, values in READOUT_FIELDS) \
+            if edit_ref_head is not None and caption_ground_weight > 0 else None
 
     def probes(self) -> dict[str, nn.ModuleList]:
         """The training-only read-out probes this trainer has, by checkpoint key."""
-        return {k: v for k, v in (("readout", self.readout), ("caption_readout", self.caption_readout))
-                if v is not None}
+        return {k: v for k, v in (("readout", self.readout), ("caption_readout", self.caption_readout),
+                                  ("edit_ref_readout", self.edit_ref_readout)) if v is not None}
 
     def grounding_groups(self, batch: Batch) -> list[tuple[str, torch.Tensor | None, float, tuple[int, int], float,
                                                            nn.ModuleList | None]]:
         """For a batch: per group of grounded queries, its log name, which queries it takes (None: all), the
         grounding loss's weight and head, and the read-out's weight and probes. Cell queries (generation, edits
         grounded by their words) take caption grounding's; the others (answers, edits' first code or naming
-        words) the vision grounding's. An edit batch grounded both ways has both groups (two hops)."""
+        words) the vision grounding's. An edit batch grounded both ways has both groups (two hops). An edit's cell
+        queries go through `edit_ref_head` and its probes where the trainer has one."""
         if batch.ground_query_index is None:
             return []
         vision = (self.ground_weight, self.ground_head, self.ground_readout_weight, self.readout)
-        cell = (self.caption_ground_weight, self.caption_ground_head, self.caption_ground_weight,
-                self.caption_readout)
+        if batch.task == "edit" and self.edit_ref_head is not None:
+            cell = (self.caption_ground_weight, self.edit_ref_head, self.caption_ground_weight, self.edit_ref_readout)
+        else:
+            cell = (self.caption_ground_weight, self.caption_ground_head, self.caption_ground_weight,
+                    self.caption_readout)
         by_cell = batch.ground_by_cell  # None: no cell queries (generation batches always have them)
         if by_cell is None:
             groups = [("ground", None, *vision)]
@@ -729,7 +747,7 @@ def stage_trainer(model: WallarooModel, stage: Stage) -> tuple[TrainingModel, li
     """The loss wrapper a stage trains through, and the parameters it updates (its read-out probes included)."""
     trainer = TrainingModel(model, stage.first_cell_weight, stage.edit_start_cells, stage.ground_weight,
                             stage.ground_head, stage.ground_readout_weight, stage.ground_two_object_weight,
-                            stage.caption_ground_weight, stage.caption_ground_head)
+                            stage.caption_ground_weight, stage.caption_ground_head, stage.edit_ref_head)
     params = trainable_parameters(model, stage.trainable)
     for probes in trainer.probes().values():
         params = params + list(probes.parameters())
@@ -864,6 +882,8 @@ def run_option_flags(options: dict[str, bool | float]) -> str:
     if captions != GROUND_CAPTIONS:
         flags.append(f"--ground-captions {captions:g}")
     flags += ["--ground-edit-refs"] if options.get("ground_edit_refs", False) else []
+    head = options.get("edit_ref_head", False)
+    flags += [f"--edit-ref-head {head[0]},{head[1]}"] if head else []
     flags += ["--" + k.replace("_", "-") for k in sorted(options) if not k.startswith("ground") and options[k] is True]
     return " ".join(flags)
 
@@ -1009,6 +1029,15 @@ def export(model: WallarooModel, tok_path: Path, folder: Path, sampling: Samplin
     return save_model_folder(folder, cfg, model.state_dict().items(), tok_path)
 
 
+def layer_head(text: str) -> tuple[int, int]:
+    """"LAYER,HEAD" (as typed on the command line) as a (layer, head) pair."""
+    try:
+        layer, head = (int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not LAYER,HEAD (two integers, e.g. 3,0)") from None
+    return layer, head
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m wallaroo_nodes.train", description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("runs/tiny"), help="run folder (checkpoints, logs)")
@@ -1051,6 +1080,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ground-edit-refs", action="store_true",
                         help="with caption grounding, edits that name an object are grounded by their words too: the "
                              "first cell of the object that the edit changes looks up the phrase that names it")
+    parser.add_argument("--edit-ref-head", type=layer_head, default=None, metavar="LAYER,HEAD",
+                        help="with --ground-edit-refs, the attention head (and probes of its own) that grounds the "
+                             "edits' changed cells on their words, instead of the caption head; with "
+                             "--ground-edit-words pick a later layer than the first hop's (2), e.g. 3,0")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
     parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
@@ -1068,6 +1101,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.ground_edit_refs and (not args.ground_captions or args.ground_edits):
         parser.error("--ground-edit-refs grounds edits with the caption head: it needs --ground-captions above 0 "
                      "and cannot go with --ground-edits")
+    if args.edit_ref_head is not None and not args.ground_edit_refs:
+        parser.error("--edit-ref-head picks the head that --ground-edit-refs trains: add --ground-edit-refs or "
+                     "drop --edit-ref-head")
     if args.ground_readout is None:
         args.ground_readout = args.ground
     if args.ground_two_objects is None:
@@ -1091,7 +1127,8 @@ def main(argv: list[str] | None = None) -> int:
                                      "ground_two_objects": args.ground_two_objects if args.ground_two_objects != 1.0
                                      else False,
                                      "ground_captions": args.ground_captions or False,
-                                     "ground_edit_refs": args.ground_edit_refs})
+                                     "ground_edit_refs": args.ground_edit_refs,
+                                     "edit_ref_head": list(args.edit_ref_head) if args.edit_ref_head else False})
     model, tok = build_or_resume(args.out, args.seed, device, rank, mrope_interleaved=args.mrope_interleaved)
     stages = [replace(s, batch_size=args.batch_size) if args.batch_size else s for s in default_stages(args.scale)]
     if args.ground:
@@ -1099,7 +1136,8 @@ def main(argv: list[str] | None = None) -> int:
                                 two_object_weight=args.ground_two_objects, edits=args.ground_edits,
                                 edit_words=args.ground_edit_words)
     if args.ground_captions:
-        stages = with_caption_grounding(stages, args.ground_captions, edits=args.ground_edit_refs)
+        stages = with_caption_grounding(stages, args.ground_captions, edits=args.ground_edit_refs,
+                                        edit_head=args.edit_ref_head)
     vq_done = vq_steps_done(args.out) >= args.vq_steps + args.vq_polish_steps
     finished_before = vq_done and all((args.out / f"stage{i}.done").exists() for i in range(len(stages)))
     vq_run = (model.cfg.vq, args.vq_steps, args.out, args.seed)
