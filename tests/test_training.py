@@ -1194,6 +1194,11 @@ def test_edit_ref_head_grounds_edit_cells_through_its_own_head_and_probes(bundle
     loss.backward()
     assert own.edit_ref_readout[0].weight.grad.abs().sum() > 0
     assert own.caption_readout[0].weight.grad is None
+    unprobed = TrainingModel(model, edit_ref_head=(3, 0), edit_ref_readout=False, **kw)
+    assert set(unprobed.probes()) == {"readout", "caption_readout"}
+    with torch.no_grad():
+        _, unprobed_parts = unprobed(edits)
+    assert "ref_readout" not in unprobed_parts and abs(unprobed_parts["ref_ground"] - own_parts["ref_ground"]) < 1e-5
     with pytest.raises(ValueError, match="edit_ref_head"):
         TrainingModel(model, edit_ref_head=(4, 0), **kw)
     stages = with_caption_grounding(default_stages(), 1.0, edits=True, edit_head=(3, 0))
@@ -1201,10 +1206,12 @@ def test_edit_ref_head_grounds_edit_cells_through_its_own_head_and_probes(bundle
     defaults = {"ground": True, "ground_readout": True, "ground_two_objects": 3.0, "ground_captions": 1.0}
     recorded = {**defaults, "ground_edit_refs": True, "edit_ref_head": [3, 0]}
     assert run_option_flags(recorded) == "--ground-edit-refs --edit-ref-head 3,0"
+    assert run_option_flags({**recorded, "no_edit_ref_readout": True}).endswith("3,0 --no-edit-ref-readout")
     check_run_options(tmp_path, recorded)
     with pytest.raises(SystemExit, match="--edit-ref-head 3,0"):
         check_run_options(tmp_path, {**defaults, "ground_edit_refs": True, "edit_ref_head": False})
-    for flags in (["--edit-ref-head", "3,0"], ["--ground-edit-refs", "--edit-ref-head", "three"]):
+    for flags in (["--edit-ref-head", "3,0"], ["--ground-edit-refs", "--edit-ref-head", "three"],
+                  ["--ground-edit-refs", "--no-edit-ref-readout"]):
         with pytest.raises(SystemExit):
             main(["--out", str(tmp_path / "x"), *flags])
     assert not (tmp_path / "x").exists()

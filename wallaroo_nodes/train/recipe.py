@@ -137,6 +137,10 @@ class Stage:
     # object, so only their old looks (sixty-eighth run, where both were in layer 2). Its own head also leaves the
     # caption head, which tells a generated cell what to draw, to generation.
     edit_ref_head: tuple[int, int] | None = None
+    # Whether that head has read-out probes (the source object's fields from its output at the cell). Off, only
+    # where it looks is taught, and what it brings is left to the image loss: the probes make it carry the
+    # object's old colour and shape to the cell that must draw the new ones.
+    edit_ref_readout: bool = True
     # Added to the run's --seed for this stage's data: the bundle's stages 2-4 drew their examples from the
     # next seed after stages 0-1 (twentieth run, docs/tiny_model_runs.md), so one command draws that data order.
     seed_offset: int = 0
@@ -181,12 +185,12 @@ def default_stages(scale: float = 1.0) -> list[Stage]:
 
 
 def with_caption_grounding(stages: list[Stage], weight: float, edits: bool = False,
-                           edit_head: tuple[int, int] | None = None) -> list[Stage]:
+                           edit_head: tuple[int, int] | None = None, edit_readout: bool = True) -> list[Stage]:
     """The stages with caption grounding at `weight` wherever they train generation with the LLM unfrozen (and,
     with `edits`, the edits of those stages grounded by the words that name their object, through `edit_head` if
     given)."""
     return [replace(s, caption_ground_weight=weight, caption_ground_edits=edits and "edit" in s.tasks,
-                    edit_ref_head=edit_head if edits and "edit" in s.tasks else None)
+                    edit_ref_head=edit_head if edits and "edit" in s.tasks else None, edit_ref_readout=edit_readout)
             if "generate" in s.tasks and s.trainable != "align" else s for s in stages]
 
 
@@ -341,7 +345,8 @@ class TrainingModel(nn.Module):
     def __init__(self, model: WallarooModel, first_cell_weight: float = 1.0, edit_start_cells: str = "none",
                  ground_weight: float = 0.0, ground_head: tuple[int, int] = (2, 0), ground_readout_weight: float = 0.0,
                  ground_two_object_weight: float = 1.0, caption_ground_weight: float = 0.0,
-                 caption_ground_head: tuple[int, int] = (2, 2), edit_ref_head: tuple[int, int] | None = None):
+                 caption_ground_head: tuple[int, int] = (2, 2), edit_ref_head: tuple[int, int] | None = None,
+                 edit_ref_readout: bool = True):
         super().__init__()
         if ground_readout_weight > 0 and ground_weight <= 0:
             raise ValueError("ground_readout_weight reads the grounded head, so it needs ground_weight > 0")
@@ -369,7 +374,7 @@ class TrainingModel(nn.Module):
         self.edit_ref_head = edit_ref_head
         self.edit_ref_readout = nn.ModuleList(nn.Linear(model.cfg.llm.head_dim, len(values))
                                               for _, values in READOUT_FIELDS) \
-            if edit_ref_head is not None and caption_ground_weight > 0 else None
+            if edit_ref_head is not None and edit_ref_readout and caption_ground_weight > 0 else None
 
     def probes(self) -> dict[str, nn.ModuleList]:
         """The training-only read-out probes this trainer has, by checkpoint key."""
@@ -387,7 +392,8 @@ class TrainingModel(nn.Module):
             return []
         vision = (self.ground_weight, self.ground_head, self.ground_readout_weight, self.readout)
         if batch.task == "edit" and self.edit_ref_head is not None:
-            cell = (self.caption_ground_weight, self.edit_ref_head, self.caption_ground_weight, self.edit_ref_readout)
+            cell = (self.caption_ground_weight, self.edit_ref_head,
+                    self.caption_ground_weight if self.edit_ref_readout is not None else 0.0, self.edit_ref_readout)
         else:
             cell = (self.caption_ground_weight, self.caption_ground_head, self.caption_ground_weight,
                     self.caption_readout)
@@ -747,7 +753,8 @@ def stage_trainer(model: WallarooModel, stage: Stage) -> tuple[TrainingModel, li
     """The loss wrapper a stage trains through, and the parameters it updates (its read-out probes included)."""
     trainer = TrainingModel(model, stage.first_cell_weight, stage.edit_start_cells, stage.ground_weight,
                             stage.ground_head, stage.ground_readout_weight, stage.ground_two_object_weight,
-                            stage.caption_ground_weight, stage.caption_ground_head, stage.edit_ref_head)
+                            stage.caption_ground_weight, stage.caption_ground_head, stage.edit_ref_head,
+                            stage.edit_ref_readout)
     params = trainable_parameters(model, stage.trainable)
     for probes in trainer.probes().values():
         params = params + list(probes.parameters())
@@ -1084,6 +1091,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="with --ground-edit-refs, the attention head (and probes of its own) that grounds the "
                              "edits' changed cells on their words, instead of the caption head; with "
                              "--ground-edit-words pick a later layer than the first hop's (2), e.g. 3,0")
+    parser.add_argument("--no-edit-ref-readout", action="store_true",
+                        help="with --edit-ref-head, no read-out probes on that head: only where it looks is taught")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
     parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
@@ -1104,6 +1113,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.edit_ref_head is not None and not args.ground_edit_refs:
         parser.error("--edit-ref-head picks the head that --ground-edit-refs trains: add --ground-edit-refs or "
                      "drop --edit-ref-head")
+    if args.no_edit_ref_readout and args.edit_ref_head is None:
+        parser.error("--no-edit-ref-readout drops the probes of the head --edit-ref-head picks: add --edit-ref-head "
+                     "or drop --no-edit-ref-readout")
     if args.ground_readout is None:
         args.ground_readout = args.ground
     if args.ground_two_objects is None:
@@ -1128,7 +1140,8 @@ def main(argv: list[str] | None = None) -> int:
                                      else False,
                                      "ground_captions": args.ground_captions or False,
                                      "ground_edit_refs": args.ground_edit_refs,
-                                     "edit_ref_head": list(args.edit_ref_head) if args.edit_ref_head else False})
+                                     "edit_ref_head": list(args.edit_ref_head) if args.edit_ref_head else False,
+                                     "no_edit_ref_readout": args.no_edit_ref_readout})
     model, tok = build_or_resume(args.out, args.seed, device, rank, mrope_interleaved=args.mrope_interleaved)
     stages = [replace(s, batch_size=args.batch_size) if args.batch_size else s for s in default_stages(args.scale)]
     if args.ground:
@@ -1137,7 +1150,7 @@ def main(argv: list[str] | None = None) -> int:
                                 edit_words=args.ground_edit_words)
     if args.ground_captions:
         stages = with_caption_grounding(stages, args.ground_captions, edits=args.ground_edit_refs,
-                                        edit_head=args.edit_ref_head)
+                                        edit_head=args.edit_ref_head, edit_readout=not args.no_edit_ref_readout)
     vq_done = vq_steps_done(args.out) >= args.vq_steps + args.vq_polish_steps
     finished_before = vq_done and all((args.out / f"stage{i}.done").exists() for i in range(len(stages)))
     vq_run = (model.cfg.vq, args.vq_steps, args.out, args.seed)
