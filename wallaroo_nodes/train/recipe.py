@@ -135,7 +135,8 @@ class Stage:
     # ground_edit_words the edit's second hop (cell to words) must sit in a later layer than the first (words to
     # object, `ground_head`): in the same layer the cell reads the words as they were before they fetched the
     # object, so only their old looks (sixty-eighth run, where both were in layer 2). Its own head also leaves the
-    # caption head, which tells a generated cell what to draw, to generation.
+    # caption head, which tells a generated cell what to draw, to generation. Both hops with (3, 0) (sixty-ninth
+    # run): looks-named edits 0.71 (the bundle 0.43), but editing 0.671 of 2,000, background edits 0.46.
     edit_ref_head: tuple[int, int] | None = None
     # Whether that head has read-out probes (the source object's fields from its output at the cell). Off, only
     # where it looks is taught, and what it brings is left to the image loss: the probes make it carry the
