@@ -366,16 +366,17 @@ class TrainingModel(nn.Module):
         self.ground_readout_weight = ground_readout_weight
         self.ground_two_object_weight = ground_two_object_weight
         # Training-only probes (not in the model, so not exported); their state rides in the stage checkpoint.
-        self.readout = nn.ModuleList(nn.Linear(model.cfg.llm.head_dim, len(values)) for _, values in READOUT_FIELDS) \
-            if ground_readout_weight > 0 else None
+        self.readout = self.new_probes() if ground_readout_weight > 0 else None
         self.caption_ground_weight = caption_ground_weight
         self.caption_ground_head = caption_ground_head
-        self.caption_readout = nn.ModuleList(nn.Linear(model.cfg.llm.head_dim, len(values))
-                                             for _, values in READOUT_FIELDS) if caption_ground_weight > 0 else None
+        self.caption_readout = self.new_probes() if caption_ground_weight > 0 else None
         self.edit_ref_head = edit_ref_head
-        self.edit_ref_readout = nn.ModuleList(nn.Linear(model.cfg.llm.head_dim, len(values))
-                                              for _, values in READOUT_FIELDS) \
+        self.edit_ref_readout = self.new_probes() \
             if edit_ref_head is not None and edit_ref_readout and caption_ground_weight > 0 else None
+
+    def new_probes(self) -> nn.ModuleList:
+        """One linear probe per READOUT_FIELDS field, reading it from one head's output."""
+        return nn.ModuleList(nn.Linear(self.model.cfg.llm.head_dim, len(values)) for _, values in READOUT_FIELDS)
 
     def probes(self) -> dict[str, nn.ModuleList]:
         """The training-only read-out probes this trainer has, by checkpoint key."""
@@ -392,12 +393,9 @@ class TrainingModel(nn.Module):
         if batch.ground_query_index is None:
             return []
         vision = (self.ground_weight, self.ground_head, self.ground_readout_weight, self.readout)
-        if batch.task == "edit" and self.edit_ref_head is not None:
-            cell = (self.caption_ground_weight, self.edit_ref_head,
-                    self.caption_ground_weight if self.edit_ref_readout is not None else 0.0, self.edit_ref_readout)
-        else:
-            cell = (self.caption_ground_weight, self.caption_ground_head, self.caption_ground_weight,
-                    self.caption_readout)
+        head, probes = (self.edit_ref_head, self.edit_ref_readout) \
+            if batch.task == "edit" and self.edit_ref_head is not None else (self.caption_ground_head, self.caption_readout)
+        cell = (self.caption_ground_weight, head, self.caption_ground_weight, probes)  # no probes: no read-out
         by_cell = batch.ground_by_cell  # None: no cell queries (generation batches always have them)
         if by_cell is None:
             groups = [("ground", None, *vision)]
