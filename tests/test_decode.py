@@ -198,9 +198,21 @@ def keep_source_env(copy_env):
     return Pipeline(model, copy_env.tokenizer)
 
 
-@pytest.mark.parametrize("copy, keep_source", [(False, False), (True, False), (True, True)])
-def test_edit_cached_equals_recomputed(env, copy_env, keep_source_env, recorded, copy, keep_source):
-    pipe = keep_source_env if keep_source else copy_env if copy else env
+@pytest.fixture(scope="module")
+def instruction_first_env(keep_source_env):
+    """keep_source_env's model with the instruction before the source blocks (`edit_instruction_first`)."""
+    old = keep_source_env.model.cfg
+    cfg = dataclasses.replace(old, protocol=dataclasses.replace(old.protocol, edit_instruction_first=True))
+    model = WallarooModel(cfg).eval().requires_grad_(False)
+    model.load_state_dict(keep_source_env.model.state_dict())
+    return Pipeline(model, keep_source_env.tokenizer)
+
+
+@pytest.mark.parametrize("copy, keep_source, first", [(False, False, False), (True, False, False),
+                                                      (True, True, False), (True, True, True)])
+def test_edit_cached_equals_recomputed(env, copy_env, keep_source_env, instruction_first_env, recorded, copy,
+                                       keep_source, first):
+    pipe = instruction_first_env if first else keep_source_env if keep_source else copy_env if copy else env
     tok, model = pipe.tokenizer, pipe.model
     src = source_image()  # 50x70 -> closest size 48x32 (h x w)
     out = pipe.edit(src, EDIT, cfg=2.0, temperature=0)
@@ -222,7 +234,11 @@ def test_edit_cached_equals_recomputed(env, copy_env, keep_source_env, recorded,
     assert len(set(ref.flatten().tolist())) > 2
     assert torch.equal(recorded[-1].cpu(), ref)
     assert same_images(out, vq_images(model, ref))
-    if keep_source:
+    if first:
+        # The order matters: the same weights with the instruction after the source blocks draw other codes.
+        keep_source_env.edit(src, EDIT, cfg=2.0, temperature=0)
+        assert not torch.equal(recorded[-1].cpu(), ref)
+    elif keep_source:
         # Guidance against the source itself decodes other codes than guidance against a black image.
         copy_env.edit(src, EDIT, cfg=2.0, temperature=0)
         assert not torch.equal(recorded[-1].cpu(), ref)

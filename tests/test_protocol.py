@@ -342,6 +342,43 @@ def test_batch_prompts_with_slots_offsets(env):
     assert all(batch.ids[1, off + s].item() == pad for s in uncond.vision_slots + uncond.pixel_slots)
 
 
+@pytest.mark.parametrize("lang,short,long", [("en", EN_EDIT, "make the small red circle on the left blue"),
+                                             ("zh", ZH_EDIT, "把左边那个小小的红色圆形变成蓝色")])
+def test_edit_instruction_first_moves_only_the_template(env, lang, short, long):
+    """The tiny model's option: the template before both blocks, every slot and position still consistent."""
+    import dataclasses
+    tok, base = env
+    cfg = dataclasses.replace(base, protocol=dataclasses.replace(base.protocol, edit_instruction_first=True))
+    size, grid = (48, 32), GRIDS[(48, 32)]
+    h, w = size
+    p = build_edit(tok, cfg, short, size, grid, lang=lang)
+    n_vision = grid[0] * grid[1] * grid[2] // 4
+    want = (f"{SYSTEM}<|im_start|>user\n{edit_user(lang, short, h, w)}{pixel_text(h, w)}{vision_text(n_vision)}"
+            f" <indicator:{h}><indicator:{w}><|im_end|>\n<|generate_start|>")
+    assert p.ids == tok.encode(want)
+    assert tok.decode(p.ids, skip_special=False) == want
+    ref = build_edit(tok, base, short, size, grid, lang=lang)
+    assert sorted(p.ids) == sorted(ref.ids) and p.ids != ref.ids
+    pad = cfg.tokens["<|image_pad|>"]
+    assert len(p.pixel_slots) == len(ref.pixel_slots) == (h // 16) * (w // 16)
+    assert len(p.vision_slots) == len(ref.vision_slots) == n_vision
+    assert all(p.ids[i] == pad for i in p.pixel_slots + p.vision_slots)
+    # Every instruction token comes before the first source slot, so the source tokens can attend to it.
+    first_slot = min(p.pixel_slots + p.vision_slots)
+    words = tok.encode(short)
+    assert any(p.ids[i:i + len(words)] == words for i in range(first_slot - len(words) + 1))
+    # From the prompt's end (where drawing starts) each pixel slot is as far whatever the instruction's length;
+    # in the reference order it moves with it.
+    q = build_edit(tok, cfg, long, size, grid, lang=lang)
+    assert len(q) > len(p)
+    dist = lambda prompt: [len(prompt) - i for i in prompt.pixel_slots]
+    assert dist(q) == dist(p)
+    assert dist(build_edit(tok, base, long, size, grid, lang=lang)) != dist(ref)
+    # Vision tokens keep their 3-D layout: the same grid offsets from their start as in the reference order.
+    rel = lambda prompt: prompt.position_ids[:, prompt.vision_slots] - prompt.position_ids[:, prompt.vision_slots[:1]]
+    assert torch.equal(rel(p), rel(ref))
+
+
 @pytest.mark.parametrize("reserved", ["<|im_end|>", "<|im_start|>", "<|vision_start|>", "<|image_pad|>",
                                       "<|generate_start|>", "<|end_of_line>|", "<indicator:32>"])
 def test_reserved_token_text_rejected(env, reserved):

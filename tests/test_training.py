@@ -580,6 +580,27 @@ def test_edit_copy_gate_scores_each_cells_source_code(setup):
     assert losses[0] == pytest.approx(torch.nn.functional.cross_entropy(head_out[0], target).item(), rel=1e-4)
 
 
+def test_edit_instruction_first_trains_on_the_prompt_the_pipeline_builds(setup):
+    """--edit-instruction-first: the same example with its instruction before the source blocks, trainable."""
+    tok, base = setup
+    cfg = tiny_model_config(base.tokens, base.llm.vocab_size, edit_instruction_first=True)
+    assert cfg.protocol.edit_instruction_first and not base.protocol.edit_instruction_first
+    first = make_example("edit", random.Random(4), tok, cfg, [(64, 64)], uncond_prob=0.0)
+    plain = make_example("edit", random.Random(4), tok, base, [(64, 64)], uncond_prob=0.0)
+    assert sorted(first.prompt.ids) == sorted(plain.prompt.ids) and first.prompt.ids != plain.prompt.ids
+    pixel_start = first.prompt.ids.index(cfg.tokens["<|pixel_start|>"])
+    assert "Edit the input image" in tok.decode(first.prompt.ids[:pixel_start]) or \
+        "根据输入图片" in tok.decode(first.prompt.ids[:pixel_start])
+    assert "Edit the input image" not in tok.decode(plain.prompt.ids[:pixel_start])
+    torch.manual_seed(0)
+    model = WallarooModel(cfg).eval()
+    copy_generation_into_edit(model)
+    with torch.no_grad():
+        losses = [TrainingModel(model)(collate([ex], cfg))[1]["image"] for ex in (first, plain)]
+    # Same weights, same target cells: only the order differs, and the loss sees it.
+    assert all(torch.isfinite(torch.as_tensor(x)) for x in losses) and losses[0] != losses[1]
+
+
 def test_object_start_cells_mark_where_each_object_begins_in_raster_order():
     # Hand-made code grids: background code 0, an object of codes 3/4 spanning two rows, and a diagonal
     # continuation (5) that belongs to the same object; a second object (7) starts apart from the first.

@@ -180,6 +180,11 @@ class ProtocolConfig:
     # True: the source image kept and only the instruction dropped, trained with the source itself as the
     # target, so guidance pushes away from returning the source unchanged.
     edit_uncond_keeps_source: bool = False
+    # Where an edit's instruction sits. False: after both source blocks (the reference's order), so no source token
+    # can see it. True (tiny model option): right after "user\n", before the blocks, so every source cell's hidden
+    # state can already know whether the instruction names it, and a drawn cell sits a fixed distance from its
+    # source cell whatever the instruction's length.
+    edit_instruction_first: bool = False
 
 
 # Token names the protocols need; each must be present in `WallarooConfig.tokens`.

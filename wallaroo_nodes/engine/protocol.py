@@ -9,7 +9,8 @@ They reproduce the Wallaroo reference inference scripts (JiePKU/Wallaroo, script
 * edit: user turn = VQ pixel block (rows of pixel slots separated by end-of-line tokens) then the vision
   block, then the edit template and " <indicator:H><indicator:W>", closed by "<|im_end|>\\n"; then
   "<|generate_start|>" with no assistant header. The unconditional branch is a black image of the same
-  size with an empty instruction.
+  size with an empty instruction. (`ProtocolConfig.edit_instruction_first`, a tiny-model option, moves the
+  edit template before the two blocks.)
 
 Documented choices where the reference is inconsistent:
 * Generation indicators sit after the user turn, as in the published inference scripts (the training
@@ -145,8 +146,8 @@ def build_edit(tok: TextTokenizer, cfg: WallarooConfig, instruction: str, size: 
     user_text = template.format(prompt=instruction, width=w, height=h)
     blocks = (pixel_block(cfg, size) + _vision_block(cfg, grid) if cfg.protocol.pixel_block_first
               else _vision_block(cfg, grid) + pixel_block(cfg, size))
-    text = (f"{_system(cfg)}{IM_START}user\n{blocks}{user_text}{_indicators(cfg, size)}{IM_END}\n"
-            f"{GENERATE_START}")
+    user = f"{user_text}{blocks}" if cfg.protocol.edit_instruction_first else f"{blocks}{user_text}"
+    text = f"{_system(cfg)}{IM_START}user\n{user}{_indicators(cfg, size)}{IM_END}\n{GENERATE_START}"
     return _finish(tok, cfg, text, [grid])
 
 

@@ -209,16 +209,19 @@ def with_grounding(stages: list[Stage], weight: float = 1.0, readout_weight: flo
             if grounded(s) else s for s in stages]
 
 
-def tiny_model_config(tokens: dict[str, int], vocab_size: int, mrope_interleaved: bool = False) -> WallarooConfig:
+def tiny_model_config(tokens: dict[str, int], vocab_size: int, mrope_interleaved: bool = False,
+                      edit_instruction_first: bool = False) -> WallarooConfig:
     """The architecture of the bundled tiny model: same code paths as 7B, sized for two CPU cores.
 
     `mrope_interleaved` (`--mrope-interleaved`; thirty-ninth run, docs/tiny_model_runs.md) gives image columns
-    rotary frequencies that turn across a scene; the bundle keeps Qwen2.5-VL's sectioned layout."""
+    rotary frequencies that turn across a scene; the bundle keeps Qwen2.5-VL's sectioned layout.
+    `edit_instruction_first` (`--edit-instruction-first`; seventy-first run) puts an edit's instruction before its
+    source blocks (ProtocolConfig.edit_instruction_first)."""
     # A dropped edit prompt keeps its source and learns it unchanged, not the reference's black image: on the
     # same stage 3 it took unguided editing 0.34 -> 0.40 of 400 held-out edits (twenty-second run,
     # docs/tiny_model_runs.md).
     protocol = ProtocolConfig(sizes=[tuple(c) for c in CANVAS_SIZES], default_size=(64, 64),
-                              edit_uncond_keeps_source=True)
+                              edit_uncond_keeps_source=True, edit_instruction_first=edit_instruction_first)
     cfg = WallarooConfig(
         name="wallaroo-tiny-shapes",
         llm=LLMConfig(vocab_size=vocab_size, hidden_size=256, intermediate_size=688, num_layers=4, num_heads=4,
@@ -847,7 +850,8 @@ def load_training_state(model: WallarooModel, state: dict[str, torch.Tensor]) ->
 
 
 def build_or_resume(out: Path, seed: int, device: torch.device, rank: int,
-                    mrope_interleaved: bool = False) -> tuple[WallarooModel, TextTokenizer]:
+                    mrope_interleaved: bool = False,
+                    edit_instruction_first: bool = False) -> tuple[WallarooModel, TextTokenizer]:
     """Tokenizer (trained once), then the model, initialised from the last finished stage if any."""
     tok_path = out / "tokenizer.json"
     meta_path = out / "tokens.json"
@@ -859,7 +863,8 @@ def build_or_resume(out: Path, seed: int, device: torch.device, rank: int,
     table = json.loads(meta_path.read_text())
     from tokenizers import Tokenizer
     vocab = (Tokenizer.from_file(str(tok_path)).get_vocab_size() + 63) // 64 * 64
-    cfg = tiny_model_config(table, vocab, mrope_interleaved=mrope_interleaved)
+    cfg = tiny_model_config(table, vocab, mrope_interleaved=mrope_interleaved,
+                            edit_instruction_first=edit_instruction_first)
     torch.manual_seed(seed)
     model = WallarooModel(cfg).to(device)
     _init_weights(model)
@@ -1092,6 +1097,9 @@ def main(argv: list[str] | None = None) -> int:
                              "--ground-edit-words pick a later layer than the first hop's (2), e.g. 3,0")
     parser.add_argument("--no-edit-ref-readout", action="store_true",
                         help="with --edit-ref-head, no read-out probes on that head: only where it looks is taught")
+    parser.add_argument("--edit-instruction-first", action="store_true",
+                        help="put an edit's instruction before its source image blocks, so the source tokens can see "
+                             "which object it names (the reference puts it after; the exported config records it)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
     parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
@@ -1140,8 +1148,10 @@ def main(argv: list[str] | None = None) -> int:
                                      "ground_captions": args.ground_captions or False,
                                      "ground_edit_refs": args.ground_edit_refs,
                                      "edit_ref_head": list(args.edit_ref_head) if args.edit_ref_head else False,
-                                     "no_edit_ref_readout": args.no_edit_ref_readout})
-    model, tok = build_or_resume(args.out, args.seed, device, rank, mrope_interleaved=args.mrope_interleaved)
+                                     "no_edit_ref_readout": args.no_edit_ref_readout,
+                                     "edit_instruction_first": args.edit_instruction_first})
+    model, tok = build_or_resume(args.out, args.seed, device, rank, mrope_interleaved=args.mrope_interleaved,
+                                 edit_instruction_first=args.edit_instruction_first)
     stages = [replace(s, batch_size=args.batch_size) if args.batch_size else s for s in default_stages(args.scale)]
     if args.ground:
         stages = with_grounding(stages, readout_weight=1.0 if args.ground_readout else 0.0,
