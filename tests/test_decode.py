@@ -188,24 +188,24 @@ def copy_env(env):
     return Pipeline(model, env.tokenizer)
 
 
+def same_weights_with_protocol(pipe: Pipeline, **changes) -> Pipeline:
+    """pipe's weights under a protocol with `changes` (the protocol is config, not weights)."""
+    old = pipe.model.cfg
+    model = WallarooModel(dataclasses.replace(old, protocol=dataclasses.replace(old.protocol, **changes)))
+    model.eval().requires_grad_(False).load_state_dict(pipe.model.state_dict())
+    return Pipeline(model, pipe.tokenizer)
+
+
 @pytest.fixture(scope="module")
 def keep_source_env(copy_env):
     """copy_env's model whose unconditional edit branch keeps the source (`edit_uncond_keeps_source`)."""
-    old = copy_env.model.cfg
-    cfg = dataclasses.replace(old, protocol=dataclasses.replace(old.protocol, edit_uncond_keeps_source=True))
-    model = WallarooModel(cfg).eval().requires_grad_(False)
-    model.load_state_dict(copy_env.model.state_dict())
-    return Pipeline(model, copy_env.tokenizer)
+    return same_weights_with_protocol(copy_env, edit_uncond_keeps_source=True)
 
 
 @pytest.fixture(scope="module")
 def instruction_first_env(keep_source_env):
     """keep_source_env's model with the instruction before the source blocks (`edit_instruction_first`)."""
-    old = keep_source_env.model.cfg
-    cfg = dataclasses.replace(old, protocol=dataclasses.replace(old.protocol, edit_instruction_first=True))
-    model = WallarooModel(cfg).eval().requires_grad_(False)
-    model.load_state_dict(keep_source_env.model.state_dict())
-    return Pipeline(model, keep_source_env.tokenizer)
+    return same_weights_with_protocol(keep_source_env, edit_instruction_first=True)
 
 
 @pytest.mark.parametrize("copy, keep_source, first", [(False, False, False), (True, False, False),
