@@ -20,6 +20,7 @@ builder shows up as a diff. Regenerate it deliberately with WALLAROO_REGEN_GOLDE
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -346,7 +347,6 @@ def test_batch_prompts_with_slots_offsets(env):
                                              ("zh", ZH_EDIT, "把左边那个小小的红色圆形变成蓝色")])
 def test_edit_instruction_first_moves_only_the_template(env, lang, short, long):
     """The tiny model's option: the template before both blocks, every slot and position still consistent."""
-    import dataclasses
     tok, base = env
     cfg = dataclasses.replace(base, protocol=dataclasses.replace(base.protocol, edit_instruction_first=True))
     size, grid = (48, 32), GRIDS[(48, 32)]

@@ -182,8 +182,9 @@ class ProtocolConfig:
     edit_uncond_keeps_source: bool = False
     # Where an edit's instruction sits. False: after both source blocks (the reference's order), so no source token
     # can see it. True (tiny model option): right after "user\n", before the blocks, so every source cell's hidden
-    # state can already know whether the instruction names it, and a drawn cell sits a fixed distance from its
-    # source cell whatever the instruction's length.
+    # state could know whether the instruction names it, and a drawn cell sits a fixed distance from its source
+    # cell whatever the instruction's length. The second is what showed (seventy-first run: place-named edits up,
+    # looks-named unchanged).
     edit_instruction_first: bool = False
 
 

@@ -1098,8 +1098,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-edit-ref-readout", action="store_true",
                         help="with --edit-ref-head, no read-out probes on that head: only where it looks is taught")
     parser.add_argument("--edit-instruction-first", action="store_true",
-                        help="put an edit's instruction before its source image blocks, so the source tokens can see "
-                             "which object it names (the reference puts it after; the exported config records it)")
+                        help="put an edit's instruction before its source image blocks, so each drawn cell sits a fixed "
+                             "distance from its source cell (the reference puts it after; the exported config "
+                             "records it)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
     parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
