@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 import shutil
 from pathlib import Path
@@ -1220,6 +1221,27 @@ def test_edit_ref_head_grounds_edit_cells_through_its_own_head_and_probes(bundle
     with torch.no_grad():
         _, unprobed_parts = unprobed(edits)
     assert "ref_readout" not in unprobed_parts and abs(unprobed_parts["ref_ground"] - own_parts["ref_ground"]) < 1e-5
+    # Probes of one field read that field's column alone: with the full set's other probes zeroed (each then
+    # costs log(its classes)), the full read-out is the one-field read-out plus those constants.
+    names = [name for name, _ in READOUT_FIELDS]
+    for field in ("position", "colour"):
+        index = names.index(field)
+        single = TrainingModel(model, edit_ref_head=(3, 0), edit_ref_readout_fields=(field,), **kw)
+        assert len(single.edit_ref_readout) == 1 and single.edit_ref_readout.field_indices == (index,)
+        full = TrainingModel(model, edit_ref_head=(3, 0), **kw)
+        with torch.no_grad():
+            single.edit_ref_readout[0].load_state_dict(full.edit_ref_readout[index].state_dict())
+            for i, probe in enumerate(full.edit_ref_readout):
+                if i != index:
+                    probe.weight.zero_()
+                    probe.bias.zero_()
+            _, single_parts = single(edits)
+            _, full_parts = full(edits)
+        constants = sum(math.log(len(values)) for i, (_, values) in enumerate(READOUT_FIELDS) if i != index)
+        assert abs(full_parts["ref_readout"] - (single_parts["ref_readout"] + constants)) < 1e-4
+        assert abs(single_parts["ref_ground"] - own_parts["ref_ground"]) < 1e-5
+    with pytest.raises(ValueError, match="hue"):
+        TrainingModel(model, edit_ref_head=(3, 0), edit_ref_readout_fields=("hue",), **kw)
     with pytest.raises(ValueError, match="edit_ref_head"):
         TrainingModel(model, edit_ref_head=(4, 0), **kw)
     stages = with_caption_grounding(default_stages(), 1.0, edits=True, edit_head=(3, 0))
@@ -1228,11 +1250,15 @@ def test_edit_ref_head_grounds_edit_cells_through_its_own_head_and_probes(bundle
     recorded = {**defaults, "ground_edit_refs": True, "edit_ref_head": [3, 0]}
     assert run_option_flags(recorded) == "--ground-edit-refs --edit-ref-head 3,0"
     assert run_option_flags({**recorded, "no_edit_ref_readout": True}).endswith("3,0 --no-edit-ref-readout")
+    assert run_option_flags({**recorded, "edit_ref_readout_place": True}).endswith("3,0 --edit-ref-readout-place")
+    placed = with_caption_grounding(default_stages(), 1.0, edits=True, edit_head=(3, 0), edit_readout_fields=("position",))
+    assert placed[4].edit_ref_head == (3, 0) and placed[4].edit_ref_readout_fields == ("position",)
     check_run_options(tmp_path, recorded)
     with pytest.raises(SystemExit, match="--edit-ref-head 3,0"):
         check_run_options(tmp_path, {**defaults, "ground_edit_refs": True, "edit_ref_head": False})
     for flags in (["--edit-ref-head", "3,0"], ["--ground-edit-refs", "--edit-ref-head", "three"],
-                  ["--ground-edit-refs", "--no-edit-ref-readout"]):
+                  ["--ground-edit-refs", "--no-edit-ref-readout"], ["--ground-edit-refs", "--edit-ref-readout-place"],
+                  ["--ground-edit-refs", "--edit-ref-head", "3,0", "--no-edit-ref-readout", "--edit-ref-readout-place"]):
         with pytest.raises(SystemExit):
             main(["--out", str(tmp_path / "x"), *flags])
     assert not (tmp_path / "x").exists()

@@ -142,6 +142,12 @@ class Stage:
     # where it looks is taught, and what it brings is left to the image loss: the probes make it carry the
     # object's old colour and shape to the cell that must draw the new ones.
     edit_ref_readout: bool = True
+    # Which of READOUT_FIELDS those probes read (None: all). Both hops with all four (sixty-ninth run) lifted
+    # looks-named edits 0.37 -> 0.71 and broke recolour; both hops without them (seventy-third run) left looks-named
+    # edits at 0.32. So the probes are what carries the named object to the cell, its old looks included: ("position",)
+    # lets the head carry only where the named object is, which a cell can compare with its own place as it does
+    # with a place word.
+    edit_ref_readout_fields: tuple[str, ...] | None = None
     # Added to the run's --seed for this stage's data: the bundle's stages 2-4 drew their examples from the
     # next seed after stages 0-1 (twentieth run, docs/tiny_model_runs.md), so one command draws that data order.
     seed_offset: int = 0
@@ -186,12 +192,14 @@ def default_stages(scale: float = 1.0) -> list[Stage]:
 
 
 def with_caption_grounding(stages: list[Stage], weight: float, edits: bool = False,
-                           edit_head: tuple[int, int] | None = None, edit_readout: bool = True) -> list[Stage]:
+                           edit_head: tuple[int, int] | None = None, edit_readout: bool = True,
+                           edit_readout_fields: tuple[str, ...] | None = None) -> list[Stage]:
     """The stages with caption grounding at `weight` wherever they train generation with the LLM unfrozen (and,
     with `edits`, the edits of those stages grounded by the words that name their object, through `edit_head` if
-    given)."""
+    given, its probes reading `edit_readout_fields`)."""
     return [replace(s, caption_ground_weight=weight, caption_ground_edits=edits and "edit" in s.tasks,
-                    edit_ref_head=edit_head if edits and "edit" in s.tasks else None, edit_ref_readout=edit_readout)
+                    edit_ref_head=edit_head if edits and "edit" in s.tasks else None, edit_ref_readout=edit_readout,
+                    edit_ref_readout_fields=edit_readout_fields)
             if "generate" in s.tasks and s.trainable != "align" else s for s in stages]
 
 
@@ -350,7 +358,7 @@ class TrainingModel(nn.Module):
                  ground_weight: float = 0.0, ground_head: tuple[int, int] = (2, 0), ground_readout_weight: float = 0.0,
                  ground_two_object_weight: float = 1.0, caption_ground_weight: float = 0.0,
                  caption_ground_head: tuple[int, int] = (2, 2), edit_ref_head: tuple[int, int] | None = None,
-                 edit_ref_readout: bool = True):
+                 edit_ref_readout: bool = True, edit_ref_readout_fields: tuple[str, ...] | None = None):
         super().__init__()
         if ground_readout_weight > 0 and ground_weight <= 0:
             raise ValueError("ground_readout_weight reads the grounded head, so it needs ground_weight > 0")
@@ -374,12 +382,19 @@ class TrainingModel(nn.Module):
         self.caption_ground_head = caption_ground_head
         self.caption_readout = self.new_probes() if caption_ground_weight > 0 else None
         self.edit_ref_head = edit_ref_head
-        self.edit_ref_readout = self.new_probes() \
+        self.edit_ref_readout = self.new_probes(edit_ref_readout_fields) \
             if edit_ref_head is not None and edit_ref_readout and caption_ground_weight > 0 else None
 
-    def new_probes(self) -> nn.ModuleList:
-        """One linear probe per READOUT_FIELDS field, reading it from one head's output."""
-        return nn.ModuleList(nn.Linear(self.model.cfg.llm.head_dim, len(values)) for _, values in READOUT_FIELDS)
+    def new_probes(self, fields: tuple[str, ...] | None = None) -> nn.ModuleList:
+        """One linear probe per READOUT_FIELDS field (or per named field), reading it from one head's output."""
+        names = [name for name, _ in READOUT_FIELDS]
+        unknown = sorted(set(fields or ()) - set(names))
+        if unknown:
+            raise ValueError(f"read-out fields {unknown} are not among {names}")
+        chosen = [i for i, name in enumerate(names) if fields is None or name in fields]
+        probes = nn.ModuleList(nn.Linear(self.model.cfg.llm.head_dim, len(READOUT_FIELDS[i][1])) for i in chosen)
+        probes.field_indices = tuple(chosen)  # which column of a batch's ground_fields each probe reads
+        return probes
 
     def probes(self) -> dict[str, nn.ModuleList]:
         """The training-only read-out probes this trainer has, by checkpoint key."""
@@ -501,13 +516,13 @@ class TrainingModel(nn.Module):
     def grounded_readout_loss(self, heads: torch.Tensor, batch: Batch, probes: nn.ModuleList, head: int,
                               weights: torch.Tensor | None = None) -> torch.Tensor:
         """Cross-entropy of the read-out probes on the grounded head's output at each grounded query (an answer's
-        start, an edit's or a generated object's first cell), summed over READOUT_FIELDS."""
+        start, an edit's or a generated object's first cell), summed over the fields its probes read."""
         c = self.model.cfg.llm
         at = heads.reshape(-1, heads.shape[-1])[batch.ground_query_index.to(heads.device)]
         out = at[:, head * c.head_dim:(head + 1) * c.head_dim].float()
         fields = batch.ground_fields.to(heads.device)
         return sum(weighted_mean(F.cross_entropy(probe(out), fields[:, i], reduction="none"), weights)
-                   for i, probe in enumerate(probes))
+                   for i, probe in zip(probes.field_indices, probes))
 
 
 def training_precision(device: torch.device) -> torch.dtype:
@@ -756,7 +771,7 @@ def stage_trainer(model: WallarooModel, stage: Stage) -> tuple[TrainingModel, li
     trainer = TrainingModel(model, stage.first_cell_weight, stage.edit_start_cells, stage.ground_weight,
                             stage.ground_head, stage.ground_readout_weight, stage.ground_two_object_weight,
                             stage.caption_ground_weight, stage.caption_ground_head, stage.edit_ref_head,
-                            stage.edit_ref_readout)
+                            stage.edit_ref_readout, stage.edit_ref_readout_fields)
     params = trainable_parameters(model, stage.trainable)
     for probes in trainer.probes().values():
         params = params + list(probes.parameters())
@@ -1097,6 +1112,9 @@ def main(argv: list[str] | None = None) -> int:
                              "--ground-edit-words pick a later layer than the first hop's (2), e.g. 3,0")
     parser.add_argument("--no-edit-ref-readout", action="store_true",
                         help="with --edit-ref-head, no read-out probes on that head: only where it looks is taught")
+    parser.add_argument("--edit-ref-readout-place", action="store_true",
+                        help="with --edit-ref-head, that head's probes read only the named object's place, not its "
+                             "looks, so the changed cell learns where the object is without its old colour and shape")
     parser.add_argument("--edit-instruction-first", action="store_true",
                         help="put an edit's instruction before its source image blocks, so each drawn cell sits a fixed "
                              "distance from its source cell (the reference puts it after; the exported config "
@@ -1124,6 +1142,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.no_edit_ref_readout and args.edit_ref_head is None:
         parser.error("--no-edit-ref-readout drops the probes of the head --edit-ref-head picks: add --edit-ref-head "
                      "or drop --no-edit-ref-readout")
+    if args.edit_ref_readout_place and (args.edit_ref_head is None or args.no_edit_ref_readout):
+        parser.error("--edit-ref-readout-place narrows the probes of the head --edit-ref-head picks: add "
+                     "--edit-ref-head and drop --no-edit-ref-readout")
     if args.ground_readout is None:
         args.ground_readout = args.ground
     if args.ground_two_objects is None:
@@ -1150,6 +1171,7 @@ def main(argv: list[str] | None = None) -> int:
                                      "ground_edit_refs": args.ground_edit_refs,
                                      "edit_ref_head": list(args.edit_ref_head) if args.edit_ref_head else False,
                                      "no_edit_ref_readout": args.no_edit_ref_readout,
+                                     "edit_ref_readout_place": args.edit_ref_readout_place,
                                      "edit_instruction_first": args.edit_instruction_first})
     model, tok = build_or_resume(args.out, args.seed, device, rank, mrope_interleaved=args.mrope_interleaved,
                                  edit_instruction_first=args.edit_instruction_first)
@@ -1160,7 +1182,8 @@ def main(argv: list[str] | None = None) -> int:
                                 edit_words=args.ground_edit_words)
     if args.ground_captions:
         stages = with_caption_grounding(stages, args.ground_captions, edits=args.ground_edit_refs,
-                                        edit_head=args.edit_ref_head, edit_readout=not args.no_edit_ref_readout)
+                                        edit_head=args.edit_ref_head, edit_readout=not args.no_edit_ref_readout,
+                                        edit_readout_fields=("position",) if args.edit_ref_readout_place else None)
     vq_done = vq_steps_done(args.out) >= args.vq_steps + args.vq_polish_steps
     finished_before = vq_done and all((args.out / f"stage{i}.done").exists() for i in range(len(stages)))
     vq_run = (model.cfg.vq, args.vq_steps, args.out, args.seed)
