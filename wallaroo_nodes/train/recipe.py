@@ -144,9 +144,10 @@ class Stage:
     edit_ref_readout: bool = True
     # Which of READOUT_FIELDS those probes read (None: all). Both hops with all four (sixty-ninth run) lifted
     # looks-named edits 0.37 -> 0.71 and broke recolour; both hops without them (seventy-third run) left looks-named
-    # edits at 0.32. So the probes are what carries the named object to the cell, its old looks included: ("position",)
-    # lets the head carry only where the named object is, which a cell can compare with its own place as it does
-    # with a place word.
+    # edits at 0.32-0.45. So the probes are what carries the named object to the cell, its old looks included:
+    # ("position",) lets the head carry only where the named object is, which a cell can compare with its own place
+    # as it does with a place word. Measured so (r73d, one seed): looks-named 0.85, editing 0.8095, add and
+    # background edits down to 0.74 / 0.76.
     edit_ref_readout_fields: tuple[str, ...] | None = None
     # Added to the run's --seed for this stage's data: the bundle's stages 2-4 drew their examples from the
     # next seed after stages 0-1 (twentieth run, docs/tiny_model_runs.md), so one command draws that data order.
