@@ -1264,6 +1264,82 @@ def test_edit_ref_head_grounds_edit_cells_through_its_own_head_and_probes(bundle
     assert not (tmp_path / "x").exists()
 
 
+def test_ground_edit_adds_grounds_the_added_objects_first_cell_on_the_words_that_describe_it(bundle, tmp_path):
+    """--ground-edit-adds: an edit adding an object grounds the position that predicts the new object's first
+    drawn cell on the instruction's words for it (its place included); named edits keep their grounding, adds and
+    dropped prompts had none before, and the draws are the ones made without it."""
+    from collections import Counter
+    from wallaroo_nodes.shapes import LANGS, OBJECT_COLOURS, SHAPES, added_object_span, edit_instruction_with_span
+    from wallaroo_nodes.shapes.text import WORDS, edit_kinds
+    from wallaroo_nodes.train.data import _weighted_kind, object_cell_mask, readout_fields
+    from wallaroo_nodes.train.recipe import first_drawn_cell_queries, run_option_flags, with_caption_grounding
+    model, tok = bundle
+    cfg = model.cfg
+    draws = {"uncond_prob": 0.2, "edit_kind_weights": {"add": 3.0}, "n_objects": 1}
+    adds, kinds = [], Counter()
+    for seed in range(40):
+        e = make_example("edit", random.Random(seed), tok, cfg, [(48, 80)], ground_edit_refs=True,
+                         ground_edit_adds=True, **draws)
+        refs = make_example("edit", random.Random(seed), tok, cfg, [(48, 80)], ground_edit_refs=True, **draws)
+        assert e.prompt.ids == refs.prompt.ids and (np.asarray(e.target_image) == np.asarray(refs.target_image)).all()
+        if refs.caption_ground:  # a named object: grounded as before
+            assert [g.fields for g in e.caption_ground] == [g.fields for g in refs.caption_ground]
+            kinds["named"] += 1
+            continue
+        rng = random.Random(seed)  # replay the draws: the source scene and the instruction
+        rng.choice([(48, 80)])
+        lang = rng.choice(LANGS)
+        scene = random_scene(rng, canvas=(48, 80), n_objects=1)
+        text = tok.decode(e.prompt.ids)
+        if not e.caption_ground:  # a background edit, or a dropped prompt
+            kinds["none"] += 1
+            continue
+        (g,) = e.caption_ground
+        kinds["add"] += 1
+        kind = _weighted_kind(rng, edit_kinds(scene), draws["edit_kind_weights"])
+        instruction, target, named, _ = edit_instruction_with_span(scene, lang, rng, kind=kind)
+        assert named is None and instruction in text
+        (added,) = [o for o in target.objects if o not in scene.objects]
+        assert g.fields == readout_fields(added) and g.scene_objects == 2
+        ds = cfg.vq.downsample
+        assert torch.equal(g.cells, object_cell_mask(target, added, 48 // ds, 80 // ds, min_share=0.0))
+        start, end = added_object_span(instruction, lang)
+        phrase = tok.decode([e.prompt.ids[j] for j in g.phrase_positions]).replace(" ", "")
+        assert phrase == instruction[start:end].replace(" ", ""), (phrase, instruction)
+        for attr, values in (("colour", OBJECT_COLOURS), ("shape", SHAPES)):
+            assert [v for v in values if WORDS[lang][v] in phrase] == [getattr(added, attr)], (phrase, added)
+        adds.append(e)
+    assert kinds["add"] >= 12 and kinds["none"] >= 3, kinds
+    batch = collate(adds, cfg)
+    target, source = model.vq.encode(batch.target_images), model.vq.encode(batch.pixel_sources)
+    queries = first_drawn_cell_queries(batch, target.flatten(), source.flatten())
+    cell_targets = batch.code_target_index.view(len(adds), -1)
+    for i, q in enumerate(queries.tolist()):  # the first cell of the new object that the edit changes
+        changed = batch.ground_cells[i] & (target[i].flatten() != source[i].flatten())
+        cell = cell_targets[i].tolist().index(q)
+        assert changed[cell] and not changed[:cell].any()
+    with torch.no_grad():
+        _, parts = TrainingModel(model, caption_ground_weight=1.0, edit_ref_head=(3, 0),
+                                 edit_ref_readout_fields=("position",))(batch)
+    assert parts["ground"] > 0 and parts["readout"] > 0
+    with pytest.raises(ValueError, match="needs ground_edit_refs"):
+        make_example("edit", random.Random(0), tok, cfg, [(64, 64)], ground_edit_adds=True)
+    with pytest.raises(ValueError, match="fits none of the en add templates"):
+        added_object_span("Make the background red.", "en")
+    stages = with_caption_grounding(default_stages(), 1.0, edits=True, edit_head=(3, 0), adds=True)
+    assert [s.caption_ground_adds for s in stages] == [False, False, False, False, True]
+    assert not any(s.caption_ground_adds for s in with_caption_grounding(default_stages(), 1.0, adds=True))
+    defaults = {"ground": True, "ground_readout": True, "ground_two_objects": 3.0, "ground_captions": 1.0}
+    assert run_option_flags({**defaults, "ground_edit_refs": True, "ground_edit_adds": True}) == \
+        "--ground-edit-refs --ground-edit-adds"
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path / "x"), "--ground-edit-adds"])
+    with pytest.raises(ValueError, match="needs caption_ground_edits"):
+        run_stage(4, Stage("4", 2, 1e-3, {"edit": 1.0}, [(64, 64)], caption_ground_adds=True), None, None,
+                  tmp_path, 0, torch.device("cpu"), 0, 1)
+    assert not (tmp_path / "x").exists()
+
+
 def test_ground_edit_refs_option_grounds_the_edits_of_caption_grounded_stages(setup, tmp_path):
     from wallaroo_nodes.train.recipe import (check_run_options, run_option_flags, with_caption_grounding,
                                              with_grounding)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import re
 from collections.abc import Iterator
 
 from .world import BACKGROUND_COLOURS, OBJECT_COLOURS, SHAPES, Obj, Scene, random_object, random_scene
@@ -246,6 +247,19 @@ def edit_instruction_about(scene: Scene, lang: str, rng: random.Random,
     as adding an object or changing the background)."""
     text, target, obj, _ = edit_instruction_with_span(scene, lang, rng, kind)
     return text, target, obj
+
+
+def added_object_span(instruction: str, lang: str) -> tuple[int, int]:
+    """The [start, end) characters of an "add" instruction that describe the new object, its place included (in
+    Chinese the place and the object are two fills, so the span runs from the first to the end of the last)."""
+    _check_lang(lang)
+    for template in _EDIT[lang]["add"]:
+        # Every fill becomes a group; the instruction's first letter was capitalised after filling.
+        pattern = re.sub(r"\\\{(\w+)\\\}", lambda m: f"(?P<{m.group(1)}>.+)", re.escape(template))
+        match = re.fullmatch(pattern, instruction[:1].lower() + instruction[1:]) or re.fullmatch(pattern, instruction)
+        if match:
+            return min(match.start(g) for g in match.groupdict()), max(match.end(g) for g in match.groupdict())
+    raise ValueError(f"{instruction!r} fits none of the {lang} add templates: pass an add instruction and its language")
 
 
 def reference_names_place(phrase: str, obj: Obj, lang: str) -> bool:

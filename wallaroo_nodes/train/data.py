@@ -20,8 +20,8 @@ from ..engine.config import WallarooConfig
 from ..engine.protocol import Prompt, build_edit, build_generate, build_understand, follow_up_ids
 from ..engine.text import TextTokenizer
 from ..shapes import (EDIT_KINDS, LANGS, OBJECT_COLOURS, PALETTE, POSITIONS, QA_KINDS, SHAPES, SIZES, Obj, Scene,
-                      caption_with_spans, edit_instruction_with_span, edit_kinds, question_answer_about, random_scene,
-                      render)
+                      added_object_span, caption_with_spans, edit_instruction_with_span, edit_kinds,
+                      question_answer_about, random_scene, render)
 from ..shapes.world import render_array
 
 TASKS = ("understand", "generate", "edit")
@@ -140,7 +140,7 @@ def make_example(task: str, rng: random.Random, tok: TextTokenizer, cfg: Wallaro
                  n_objects: int | None = None, qa_kind_weights: dict[str, float] | None = None,
                  edit_kind_weights: dict[str, float] | None = None, ground: bool = False,
                  ground_edits: bool = False, ground_captions: bool = False, ground_edit_refs: bool = False,
-                 ground_edit_words: bool = False) -> Example:
+                 ground_edit_words: bool = False, ground_edit_adds: bool = False) -> Example:
     """A random example of a task on one of the given canvases; prompts are dropped for CFG with uncond_prob.
 
     `n_objects` fixes the scene's object count (1 or 2); None draws it.
@@ -153,9 +153,13 @@ def make_example(task: str, rng: random.Random, tok: TextTokenizer, cfg: Wallaro
     describes (`Example.caption_ground`); with `ground_edit_refs` an edit records the named source object's cells
     and the words that name it there instead; with `ground_edit_words` an edit's grounding (as `ground_edits`)
     is queried from the last instruction token that names the object. Both together are two hops: the words
-    fetch the object from the vision tokens, the first changed cell fetches the words. The draws are the same
-    either way.
+    fetch the object from the vision tokens, the first changed cell fetches the words. With `ground_edit_adds` (and
+    `ground_edit_refs`) an edit adding an object grounds the new object's first cell on the words that describe it,
+    as a generation caption does. The draws are the same either way.
     """
+    if ground_edit_adds and not ground_edit_refs:
+        raise ValueError("ground_edit_adds grounds added objects the way ground_edit_refs grounds named ones: it needs "
+                         "ground_edit_refs")
     if ground_edits and (ground_edit_refs or ground_edit_words):
         raise ValueError("ground_edits (from the first code) grounds the same edits as ground_edit_words (from the "
                          "naming words) and ground_edit_refs (the caption head), from another query: choose one, "
@@ -225,6 +229,11 @@ def make_example(task: str, rng: random.Random, tok: TextTokenizer, cfg: Wallaro
             grounds = [grounding(0, scene, named_obj, grid, cfg, query)]
         refs = caption_grounding(tok, cfg, prompt, scene, instruction, [(named_obj, *span)]) \
             if ground_edit_refs and named_obj else []
+        if ground_edit_adds and instruction and len(target.objects) > len(scene.objects):
+            # No source object to name: the new one's cells look up its description, which holds its place too.
+            (added,) = [o for o in target.objects if o not in scene.objects]
+            refs = caption_grounding(tok, cfg, prompt, target, instruction,
+                                     [(added, *added_object_span(instruction, lang))])
         return Example(task, prompt, target_image=render(target), source_image=source, vision_grid=grid,
                        vision_patches=patches, pixel_source=images.vq_input(source, canvas), ground=grounds,
                        caption_ground=refs)
