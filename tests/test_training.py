@@ -1322,7 +1322,7 @@ def test_ground_edit_adds_grounds_the_added_objects_first_cell_on_the_words_that
         _, parts = TrainingModel(model, caption_ground_weight=1.0, edit_ref_head=(3, 0),
                                  edit_ref_readout_fields=("position",))(batch)
     assert parts["ground"] > 0 and parts["readout"] > 0
-    with pytest.raises(ValueError, match="needs ground_edit_refs"):
+    with pytest.raises(ValueError, match="need ground_edit_refs"):
         make_example("edit", random.Random(0), tok, cfg, [(64, 64)], ground_edit_adds=True)
     with pytest.raises(ValueError, match="fits none of the en add templates"):
         added_object_span("Make the background red.", "en")
@@ -1336,6 +1336,76 @@ def test_ground_edit_adds_grounds_the_added_objects_first_cell_on_the_words_that
         main(["--out", str(tmp_path / "x"), "--ground-edit-adds"])
     with pytest.raises(ValueError, match="needs caption_ground_edits"):
         run_stage(4, Stage("4", 2, 1e-3, {"edit": 1.0}, [(64, 64)], caption_ground_adds=True), None, None,
+                  tmp_path, 0, torch.device("cpu"), 0, 1)
+    assert not (tmp_path / "x").exists()
+
+
+def test_ground_edit_moves_grounds_a_moved_objects_new_place_through_its_own_head_and_looks_probes(bundle, tmp_path):
+    """--ground-edit-moves: a move also grounds the first cell of the object at its new place on the words that
+    name it, through a head of its own whose probes read the object's looks; the other queries keep their head,
+    probes and losses, and the draws are the ones made without it."""
+    from wallaroo_nodes.train.recipe import (MOVE_REF_HEAD, first_drawn_cell_queries, run_option_flags,
+                                             with_caption_grounding)
+    model, tok = bundle
+    cfg = model.cfg
+    draws = {"uncond_prob": 0.1, "edit_kind_weights": {"move": 4.0}, "n_objects": 2}
+    two_hops = {"ground_edit_words": True, "ground_edit_refs": True}
+    moves, plain, others = [], [], 0
+    for seed in range(40):
+        e = make_example("edit", random.Random(seed), tok, cfg, [(64, 64)], ground_edit_moves=True, **two_hops, **draws)
+        refs = make_example("edit", random.Random(seed), tok, cfg, [(64, 64)], **two_hops, **draws)
+        assert e.prompt.ids == refs.prompt.ids and (np.asarray(e.target_image) == np.asarray(refs.target_image)).all()
+        for mine, theirs in zip(e.caption_ground, refs.caption_ground):  # the named object's grounding as before
+            assert torch.equal(mine.cells, theirs.cells) and mine[1:] == theirs[1:]
+        assert [(g.mask.tolist(), g[2:]) for g in e.ground] == [(g.mask.tolist(), g[2:]) for g in refs.ground]
+        if len(e.caption_ground) == len(refs.caption_ground):  # not a move (or a dropped prompt): nothing added
+            others += 1
+            continue
+        named, new_place = e.caption_ground
+        assert not named.moved and new_place.moved and new_place.phrase_positions == named.phrase_positions
+        assert new_place.fields[1:] == named.fields[1:] and new_place.fields[0] != named.fields[0]  # looks kept
+        assert not (new_place.cells & named.cells).all()
+        moves.append(e)
+        plain.append(refs)
+    assert len(moves) >= 12 and others >= 3
+    batch, by_refs = collate(moves, cfg), collate(plain, cfg)
+    assert batch.ground_moved.tolist() == [False, False, True] * len(moves)
+    assert by_refs.ground_moved is None
+    target, source = model.vq.encode(batch.target_images), model.vq.encode(batch.pixel_sources)
+    cell_queries = first_drawn_cell_queries(batch, target.flatten(), source.flatten())
+    cell_targets = batch.code_target_index.view(len(moves), -1)
+    for i, q in enumerate(cell_queries[batch.ground_moved].tolist()):  # the first cell of the object's new place
+        changed = batch.ground_cells[3 * i + 2] & (target[i].flatten() != source[i].flatten())
+        cell = cell_targets[i].tolist().index(q)
+        assert changed[cell] and not changed[:cell].any()
+    kw = {"ground_weight": 1.0, "caption_ground_weight": 1.0, "edit_ref_head": (3, 0),
+          "edit_ref_readout_fields": ("position",)}
+    torch.manual_seed(0)  # the same draws for the probes both trainers have
+    trainer = TrainingModel(model, move_ref_head=MOVE_REF_HEAD, **kw)
+    torch.manual_seed(0)
+    refs_trainer = TrainingModel(model, **kw)
+    assert trainer.move_ref_readout.field_indices == (1, 2, 3)  # shape, colour, size: not the new place
+    assert [(g[0], g[3]) for g in trainer.grounding_groups(batch)] == \
+        [("ground", (2, 0)), ("ref_ground", (3, 0)), ("move_ground", MOVE_REF_HEAD)]
+    with torch.no_grad():
+        _, parts = trainer(batch)
+        _, ref_parts = refs_trainer(by_refs)
+    assert parts["move_ground"] > 0 and parts["move_readout"] > 0
+    for name in ("ground", "ref_ground", "ref_readout", "image"):
+        assert abs(parts[name] - ref_parts[name]) < 1e-4 * max(1.0, ref_parts[name]), name
+    with pytest.raises(ValueError, match="no move_ref_head"):
+        TrainingModel(model, **kw)(batch)
+    with pytest.raises(ValueError, match="need ground_edit_refs"):
+        make_example("edit", random.Random(0), tok, cfg, [(64, 64)], ground_edit_moves=True)
+    stages = with_caption_grounding(default_stages(), 1.0, edits=True, edit_head=(3, 0), move_head=MOVE_REF_HEAD)
+    assert [s.move_ref_head for s in stages] == [None, None, None, None, MOVE_REF_HEAD]
+    defaults = {"ground": True, "ground_readout": True, "ground_two_objects": 3.0, "ground_captions": 1.0}
+    assert run_option_flags({**defaults, "ground_edit_refs": True, "ground_edit_moves": True}) == \
+        "--ground-edit-refs --ground-edit-moves"
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path / "x"), "--ground-edit-moves"])
+    with pytest.raises(ValueError, match="needs caption_ground_edits"):
+        run_stage(4, Stage("4", 2, 1e-3, {"edit": 1.0}, [(64, 64)], move_ref_head=(3, 2)), None, None,
                   tmp_path, 0, torch.device("cpu"), 0, 1)
     assert not (tmp_path / "x").exists()
 

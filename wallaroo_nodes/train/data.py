@@ -54,6 +54,8 @@ class CaptionGrounding(NamedTuple):
     phrase_positions: list[int]
     fields: tuple[int, ...]
     scene_objects: int
+    # A moved object's new place (`ground_edit_moves`): its cells look up the words for the object's looks.
+    moved: bool = False
 
 
 def readout_fields(obj: Obj) -> tuple[int, ...]:
@@ -140,7 +142,8 @@ def make_example(task: str, rng: random.Random, tok: TextTokenizer, cfg: Wallaro
                  n_objects: int | None = None, qa_kind_weights: dict[str, float] | None = None,
                  edit_kind_weights: dict[str, float] | None = None, ground: bool = False,
                  ground_edits: bool = False, ground_captions: bool = False, ground_edit_refs: bool = False,
-                 ground_edit_words: bool = False, ground_edit_adds: bool = False) -> Example:
+                 ground_edit_words: bool = False, ground_edit_adds: bool = False,
+                 ground_edit_moves: bool = False) -> Example:
     """A random example of a task on one of the given canvases; prompts are dropped for CFG with uncond_prob.
 
     `n_objects` fixes the scene's object count (1 or 2); None draws it.
@@ -155,11 +158,13 @@ def make_example(task: str, rng: random.Random, tok: TextTokenizer, cfg: Wallaro
     is queried from the last instruction token that names the object. Both together are two hops: the words
     fetch the object from the vision tokens, the first changed cell fetches the words. With `ground_edit_adds` (and
     `ground_edit_refs`) an edit adding an object grounds the new object's first cell on the words that describe it,
-    as a generation caption does. The draws are the same either way.
+    as a generation caption does; with `ground_edit_moves` (and `ground_edit_refs`) a moved object's first cell
+    at its new place grounds on the words that name it too (`CaptionGrounding.moved`). The draws are the same
+    either way.
     """
-    if ground_edit_adds and not ground_edit_refs:
-        raise ValueError("ground_edit_adds grounds added objects the way ground_edit_refs grounds named ones: it needs "
-                         "ground_edit_refs")
+    if (ground_edit_adds or ground_edit_moves) and not ground_edit_refs:
+        raise ValueError("ground_edit_adds and ground_edit_moves ground edits the way ground_edit_refs grounds named "
+                         "objects: they need ground_edit_refs")
     if ground_edits and (ground_edit_refs or ground_edit_words):
         raise ValueError("ground_edits (from the first code) grounds the same edits as ground_edit_words (from the "
                          "naming words) and ground_edit_refs (the caption head), from another query: choose one, "
@@ -229,6 +234,12 @@ def make_example(task: str, rng: random.Random, tok: TextTokenizer, cfg: Wallaro
             grounds = [grounding(0, scene, named_obj, grid, cfg, query)]
         refs = caption_grounding(tok, cfg, prompt, scene, instruction, [(named_obj, *span)]) \
             if ground_edit_refs and named_obj else []
+        moved = [o for o in target.objects if o not in scene.objects] if named_obj else []
+        if ground_edit_moves and refs and moved and moved[0].position != named_obj.position:
+            # The object drawn at its new place: its cells must bring its looks from where the words found it.
+            ds = cfg.vq.downsample
+            cells = object_cell_mask(target, moved[0], canvas[0] // ds, canvas[1] // ds, min_share=0.0)
+            refs.append(refs[0]._replace(cells=cells, fields=readout_fields(moved[0]), moved=True))
         if ground_edit_adds and instruction and len(target.objects) > len(scene.objects):
             # No source object to name: the new one's cells look up its description, which holds its place too.
             (added,) = [o for o in target.objects if o not in scene.objects]
@@ -276,6 +287,8 @@ class Batch:
     # With ground_cells: which queries are cells (the caption head's); the others (an edit's naming words, with
     # `ground_edit_words` beside `ground_edit_refs`) keep their query and ground on the vision tokens.
     ground_by_cell: torch.Tensor | None = None        # (Q,) bool
+    # Which cell queries are a moved object's new place (`ground_edit_moves`): the trainer gives them their own head.
+    ground_moved: torch.Tensor | None = None          # (Q,) bool
 
 
 def collate(examples: list[Example], cfg: WallarooConfig) -> Batch:
@@ -289,6 +302,7 @@ def collate(examples: list[Example], cfg: WallarooConfig) -> Batch:
     ground_q, ground_k, ground_t, ground_f, ground_n = [], [], [], [], []
     ground_cells: list[torch.Tensor | None] = []  # None: a vision-grounded query (no cells)
     ground_cell_base = []
+    ground_moved: list[bool] = []
     seqs = []
     for e in examples:
         ids = list(e.prompt.ids)
@@ -328,7 +342,8 @@ def collate(examples: list[Example], cfg: WallarooConfig) -> Batch:
                 ground_n.append(scene_objects)
                 ground_cells.append(None)
                 ground_cell_base.append(0)
-        for cells, phrase, fields, scene_objects in e.caption_ground:
+                ground_moved.append(False)
+        for cells, phrase, fields, scene_objects, moved in e.caption_ground:
             # The query (the position predicting the object's first drawn cell) needs the VQ's codes: the trainer
             # finds it from the cells and where this example's code targets begin.
             ground_q.append(-1)
@@ -338,6 +353,7 @@ def collate(examples: list[Example], cfg: WallarooConfig) -> Batch:
             ground_t.append(torch.ones(len(phrase), dtype=torch.bool))
             ground_f.append(fields)
             ground_n.append(scene_objects)
+            ground_moved.append(moved)
         for j, t in enumerate(cont):
             at = n_prompt + j
             if task == "understand":
@@ -382,4 +398,5 @@ def collate(examples: list[Example], cfg: WallarooConfig) -> Batch:
         ground_fields=torch.tensor(ground_f, dtype=torch.long) if ground_f else None,
         ground_scene_objects=idx(ground_n),
         ground_cells=torch.stack(ground_cells) if ground_cells else None, ground_cell_base=idx(ground_cell_base),
-        ground_by_cell=torch.tensor(by_cell) if ground_cells else None)
+        ground_by_cell=torch.tensor(by_cell) if ground_cells else None,
+        ground_moved=torch.tensor(ground_moved) if any(ground_moved) else None)

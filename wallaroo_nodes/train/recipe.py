@@ -52,6 +52,10 @@ STAGE4_EDIT_KIND_WEIGHTS = {"move": 2.0, "remove": 2.0, "recolour": 1.5, "reshap
 GROUND_TWO_OBJECTS = 3.0
 # Weight of caption grounding (Stage.caption_ground_weight) in the recipe's stages 2-4: `--ground-captions`'s default.
 GROUND_CAPTIONS = 1.0
+# `--ground-edit-moves`'s head (Stage.move_ref_head says why this one) and what its probes read: the moved object's
+# looks, which its new place must draw.
+MOVE_REF_HEAD = (3, 2)
+MOVE_READOUT_FIELDS = ("shape", "colour", "size")
 
 
 @dataclass
@@ -136,6 +140,13 @@ class Stage:
     # grounding, added objects took the source object's shape or size, and background edits drew copies of it (add
     # 0.89 -> 0.74, background 0.94 -> 0.76 of 2,000, r73d against r72b; seventy-fourth run).
     caption_ground_adds: bool = False
+    # With caption_ground_edits, the head (layer, head) that grounds a moved object's first cell at its new place
+    # on the words that name it, with probes reading the object's looks (not its place) from there; None: moves are
+    # grounded like the other named edits only, from the first cell they change. Moves failed most (0.66 of r73d's
+    # 2,000; 0.46 with two objects, the moved object drawn in the other's colour or shape). Its own key/value group
+    # (heads 2-3 of layer 3 share theirs; the edit head's are 0-1), so the looks it brings do not reach the edit
+    # head's cells, which must draw the new looks of a recoloured or reshaped object.
+    move_ref_head: tuple[int, int] | None = None
     # The head (layer, head) that grounds those edits, with probes of its own; None: `caption_ground_head`. With
     # ground_edit_words the edit's second hop (cell to words) must sit in a later layer than the first (words to
     # object, `ground_head`): in the same layer the cell reads the words as they were before they fetched the
@@ -199,12 +210,15 @@ def default_stages(scale: float = 1.0) -> list[Stage]:
 
 def with_caption_grounding(stages: list[Stage], weight: float, edits: bool = False,
                            edit_head: tuple[int, int] | None = None, edit_readout: bool = True,
-                           edit_readout_fields: tuple[str, ...] | None = None, adds: bool = False) -> list[Stage]:
+                           edit_readout_fields: tuple[str, ...] | None = None, adds: bool = False,
+                           move_head: tuple[int, int] | None = None) -> list[Stage]:
     """The stages with caption grounding at `weight` wherever they train generation with the LLM unfrozen (and,
     with `edits`, the edits of those stages grounded by the words that name their object, through `edit_head` if
-    given, its probes reading `edit_readout_fields`; with `adds` too, edits adding an object by its words)."""
+    given, its probes reading `edit_readout_fields`; with `adds` too, edits adding an object by its words; with
+    `move_head`, moved objects' new places by their words through that head)."""
     return [replace(s, caption_ground_weight=weight, caption_ground_edits=edits and "edit" in s.tasks,
                     caption_ground_adds=adds and edits and "edit" in s.tasks,
+                    move_ref_head=move_head if edits and "edit" in s.tasks else None,
                     edit_ref_head=edit_head if edits and "edit" in s.tasks else None, edit_ref_readout=edit_readout,
                     edit_ref_readout_fields=edit_readout_fields)
             if "generate" in s.tasks and s.trainable != "align" else s for s in stages]
@@ -348,7 +362,7 @@ def ground_subset(batch: Batch, select: torch.Tensor) -> Batch:
     """The batch with only the grounded queries `select` (Q,) bool keeps."""
     at = select.nonzero().flatten().cpu()
     fields = ("ground_query_index", "ground_key_index", "ground_target", "ground_fields", "ground_scene_objects",
-              "ground_cells", "ground_cell_base", "ground_by_cell")
+              "ground_cells", "ground_cell_base", "ground_by_cell", "ground_moved")
     return replace(batch, **{f: getattr(batch, f)[at.to(getattr(batch, f).device)] for f in fields
                              if getattr(batch, f) is not None})
 
@@ -365,14 +379,16 @@ class TrainingModel(nn.Module):
                  ground_weight: float = 0.0, ground_head: tuple[int, int] = (2, 0), ground_readout_weight: float = 0.0,
                  ground_two_object_weight: float = 1.0, caption_ground_weight: float = 0.0,
                  caption_ground_head: tuple[int, int] = (2, 2), edit_ref_head: tuple[int, int] | None = None,
-                 edit_ref_readout: bool = True, edit_ref_readout_fields: tuple[str, ...] | None = None):
+                 edit_ref_readout: bool = True, edit_ref_readout_fields: tuple[str, ...] | None = None,
+                 move_ref_head: tuple[int, int] | None = None):
         super().__init__()
         if ground_readout_weight > 0 and ground_weight <= 0:
             raise ValueError("ground_readout_weight reads the grounded head, so it needs ground_weight > 0")
         if edit_start_cells not in ("none", "objects", "objects+changes"):
             raise ValueError(f"unknown edit_start_cells {edit_start_cells!r}")
         heads = [("ground_head", ground_head), ("caption_ground_head", caption_ground_head)]
-        for name, (layer, head) in heads + ([("edit_ref_head", edit_ref_head)] if edit_ref_head else []):
+        heads += [(n, h) for n, h in (("edit_ref_head", edit_ref_head), ("move_ref_head", move_ref_head)) if h]
+        for name, (layer, head) in heads:
             if not (0 <= layer < model.cfg.llm.num_layers and 0 <= head < model.cfg.llm.num_heads):
                 raise ValueError(f"{name} {(layer, head)} is not a (layer, head) of this "
                                  f"{model.cfg.llm.num_layers}-layer, {model.cfg.llm.num_heads}-head LLM")
@@ -391,6 +407,9 @@ class TrainingModel(nn.Module):
         self.edit_ref_head = edit_ref_head
         self.edit_ref_readout = self.new_probes(edit_ref_readout_fields) \
             if edit_ref_head is not None and edit_ref_readout and caption_ground_weight > 0 else None
+        self.move_ref_head = move_ref_head
+        self.move_ref_readout = self.new_probes(MOVE_READOUT_FIELDS) \
+            if move_ref_head is not None and caption_ground_weight > 0 else None
 
     def new_probes(self, fields: tuple[str, ...] | None = None) -> nn.ModuleList:
         """One linear probe per READOUT_FIELDS field (or per named field), reading it from one head's output."""
@@ -406,7 +425,8 @@ class TrainingModel(nn.Module):
     def probes(self) -> dict[str, nn.ModuleList]:
         """The training-only read-out probes this trainer has, by checkpoint key."""
         return {k: v for k, v in (("readout", self.readout), ("caption_readout", self.caption_readout),
-                                  ("edit_ref_readout", self.edit_ref_readout)) if v is not None}
+                                  ("edit_ref_readout", self.edit_ref_readout),
+                                  ("move_ref_readout", self.move_ref_readout)) if v is not None}
 
     def grounding_groups(self, batch: Batch) -> list[tuple[str, torch.Tensor | None, float, tuple[int, int], float,
                                                            nn.ModuleList | None]]:
@@ -428,6 +448,16 @@ class TrainingModel(nn.Module):
             groups = [("ground", None, *cell)]
         else:
             groups = [("ground", ~by_cell, *vision), ("ref_ground", by_cell, *cell)]
+        moved = batch.ground_moved
+        if moved is not None and moved.any():
+            if self.move_ref_head is None:
+                raise ValueError("the batch grounds moved objects' new places (ground_edit_moves) but this trainer "
+                                 "has no move_ref_head to ground them through")
+            # The moved objects' new places leave the cell group for their own head and looks probes.
+            name, select, *rest = groups[-1]
+            groups[-1] = (name, ~moved if select is None else select & ~moved, *rest)
+            groups.append(("move_ground", moved, self.caption_ground_weight, self.move_ref_head,
+                           self.caption_ground_weight, self.move_ref_readout))
         return [g for g in groups if g[2] > 0]
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
@@ -769,7 +799,7 @@ def task_examples(stage: Stage, task: str, canvas: tuple[int, int], rng: random.
                          qa_kind_weights=stage.qa_kind_weights, edit_kind_weights=stage.edit_kind_weights,
                          ground=stage.ground_weight > 0, ground_edits=stage.ground_edits,
                          ground_captions=stage.caption_ground_weight > 0, ground_edit_refs=stage.caption_ground_edits,
-                         ground_edit_adds=stage.caption_ground_adds,
+                         ground_edit_adds=stage.caption_ground_adds, ground_edit_moves=stage.move_ref_head is not None,
                          ground_edit_words=stage.ground_edit_words, n_objects=stage_objects(stage, task, rng))
             for _ in range(count)]
 
@@ -779,7 +809,7 @@ def stage_trainer(model: WallarooModel, stage: Stage) -> tuple[TrainingModel, li
     trainer = TrainingModel(model, stage.first_cell_weight, stage.edit_start_cells, stage.ground_weight,
                             stage.ground_head, stage.ground_readout_weight, stage.ground_two_object_weight,
                             stage.caption_ground_weight, stage.caption_ground_head, stage.edit_ref_head,
-                            stage.edit_ref_readout, stage.edit_ref_readout_fields)
+                            stage.edit_ref_readout, stage.edit_ref_readout_fields, stage.move_ref_head)
     params = trainable_parameters(model, stage.trainable)
     for probes in trainer.probes().values():
         params = params + list(probes.parameters())
@@ -800,6 +830,9 @@ def run_stage(index: int, stage: Stage, model: WallarooModel, tok: TextTokenizer
     if stage.caption_ground_edits and (stage.caption_ground_weight <= 0 or stage.ground_edits):
         raise ValueError(f"stage {stage.name}: caption_ground_edits grounds edits with the caption head, so it needs "
                          f"caption_ground_weight > 0 and ground_edits off")
+    if stage.move_ref_head is not None and not stage.caption_ground_edits:
+        raise ValueError(f"stage {stage.name}: move_ref_head grounds moved objects as caption_ground_edits grounds "
+                         f"named ones, so it needs caption_ground_edits")
     if stage.caption_ground_adds and not stage.caption_ground_edits:
         raise ValueError(f"stage {stage.name}: caption_ground_adds grounds added objects as caption_ground_edits "
                          f"grounds named ones, so it needs caption_ground_edits")
@@ -920,6 +953,7 @@ def run_option_flags(options: dict[str, bool | float]) -> str:
         flags.append(f"--ground-captions {captions:g}")
     flags += ["--ground-edit-refs"] if options.get("ground_edit_refs", False) else []
     flags += ["--ground-edit-adds"] if options.get("ground_edit_adds", False) else []
+    flags += ["--ground-edit-moves"] if options.get("ground_edit_moves", False) else []
     head = options.get("edit_ref_head", False)
     flags += [f"--edit-ref-head {head[0]},{head[1]}"] if head else []
     flags += ["--" + k.replace("_", "-") for k in sorted(options) if not k.startswith("ground") and options[k] is True]
@@ -1121,6 +1155,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ground-edit-adds", action="store_true",
                         help="with --ground-edit-refs, edits that add an object are grounded too: the new object's "
                              "first cell looks up the words that describe it (seventy-fourth run)")
+    parser.add_argument("--ground-edit-moves", action="store_true",
+                        help=f"with --ground-edit-refs, a moved object's first cell at its new place looks up the words "
+                             f"that name it through head {MOVE_REF_HEAD[0]},{MOVE_REF_HEAD[1]}, whose probes read the "
+                             f"object's looks (seventy-fourth run)")
     parser.add_argument("--edit-ref-head", type=layer_head, default=None, metavar="LAYER,HEAD",
                         help="with --ground-edit-refs, the attention head (and probes of its own) that grounds the "
                              "edits' changed cells on their words, instead of the caption head; with "
@@ -1151,9 +1189,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.ground_edit_refs and (not args.ground_captions or args.ground_edits):
         parser.error("--ground-edit-refs grounds edits with the caption head: it needs --ground-captions above 0 "
                      "and cannot go with --ground-edits")
-    if args.ground_edit_adds and not args.ground_edit_refs:
-        parser.error("--ground-edit-adds grounds added objects as --ground-edit-refs grounds named ones: add "
-                     "--ground-edit-refs or drop --ground-edit-adds")
+    for flag in ("ground_edit_adds", "ground_edit_moves"):
+        if getattr(args, flag) and not args.ground_edit_refs:
+            option = "--" + flag.replace("_", "-")
+            parser.error(f"{option} grounds edits as --ground-edit-refs grounds named objects: add --ground-edit-refs "
+                         f"or drop {option}")
     if args.edit_ref_head is not None and not args.ground_edit_refs:
         parser.error("--edit-ref-head picks the head that --ground-edit-refs trains: add --ground-edit-refs or "
                      "drop --edit-ref-head")
@@ -1188,6 +1228,7 @@ def main(argv: list[str] | None = None) -> int:
                                      "ground_captions": args.ground_captions or False,
                                      "ground_edit_refs": args.ground_edit_refs,
                                      "ground_edit_adds": args.ground_edit_adds,
+                                     "ground_edit_moves": args.ground_edit_moves,
                                      "edit_ref_head": list(args.edit_ref_head) if args.edit_ref_head else False,
                                      "no_edit_ref_readout": args.no_edit_ref_readout,
                                      "edit_ref_readout_place": args.edit_ref_readout_place,
@@ -1203,7 +1244,8 @@ def main(argv: list[str] | None = None) -> int:
         stages = with_caption_grounding(stages, args.ground_captions, edits=args.ground_edit_refs,
                                         edit_head=args.edit_ref_head, edit_readout=not args.no_edit_ref_readout,
                                         edit_readout_fields=("position",) if args.edit_ref_readout_place else None,
-                                        adds=args.ground_edit_adds)
+                                        adds=args.ground_edit_adds,
+                                        move_head=MOVE_REF_HEAD if args.ground_edit_moves else None)
     vq_done = vq_steps_done(args.out) >= args.vq_steps + args.vq_polish_steps
     finished_before = vq_done and all((args.out / f"stage{i}.done").exists() for i in range(len(stages)))
     vq_run = (model.cfg.vq, args.vq_steps, args.out, args.seed)
