@@ -138,14 +138,18 @@ class Stage:
     # With caption_ground_edits, edits that add an object are grounded too: the new object's first cell looks up the
     # words that describe it (and its place), through the same head and probes. With place-only probes and no such
     # grounding, added objects took the source object's shape or size, and background edits drew copies of it (add
-    # 0.89 -> 0.74, background 0.94 -> 0.76 of 2,000, r73d against r72b; seventy-fourth run).
+    # 0.89 -> 0.74, background 0.94 -> 0.76 of 2,000, r73d against r72b). Measured with r73d's options on its stages
+    # 0-3 (r74c, seventy-fourth run): add 0.66, editing 0.794 against 0.8095; the new object still took the source
+    # object's size and shape, since place-only probes do not bring its looks from the words. Off.
     caption_ground_adds: bool = False
     # With caption_ground_edits, the head (layer, head) that grounds a moved object's first cell at its new place
     # on the words that name it, with probes reading the object's looks (not its place) from there; None: moves are
     # grounded like the other named edits only, from the first cell they change. Moves failed most (0.66 of r73d's
     # 2,000; 0.46 with two objects, the moved object drawn in the other's colour or shape). Its own key/value group
     # (heads 2-3 of layer 3 share theirs; the edit head's are 0-1), so the looks it brings do not reach the edit
-    # head's cells, which must draw the new looks of a recoloured or reshaped object.
+    # head's cells, which must draw the new looks of a recoloured or reshaped object. Measured with adds grounded too
+    # (r74d, seventy-fourth run): two-object moves 0.46 -> 0.65 (replayed cases), but background edits fell to 0.04,
+    # their cells drawing looks from the instruction words (invented objects), and editing to 0.551. Off.
     move_ref_head: tuple[int, int] | None = None
     # The head (layer, head) that grounds those edits, with probes of its own; None: `caption_ground_head`. With
     # ground_edit_words the edit's second hop (cell to words) must sit in a later layer than the first (words to
@@ -1154,11 +1158,12 @@ def main(argv: list[str] | None = None) -> int:
                              "first cell of the object that the edit changes looks up the phrase that names it")
     parser.add_argument("--ground-edit-adds", action="store_true",
                         help="with --ground-edit-refs, edits that add an object are grounded too: the new object's "
-                             "first cell looks up the words that describe it (seventy-fourth run)")
+                             "first cell looks up the words that describe it (seventy-fourth run: add edits 0.74 -> "
+                             "0.66; off)")
     parser.add_argument("--ground-edit-moves", action="store_true",
                         help=f"with --ground-edit-refs, a moved object's first cell at its new place looks up the words "
                              f"that name it through head {MOVE_REF_HEAD[0]},{MOVE_REF_HEAD[1]}, whose probes read the "
-                             f"object's looks (seventy-fourth run)")
+                             f"object's looks (seventy-fourth run: background edits broke, editing 0.551; off)")
     parser.add_argument("--edit-ref-head", type=layer_head, default=None, metavar="LAYER,HEAD",
                         help="with --ground-edit-refs, the attention head (and probes of its own) that grounds the "
                              "edits' changed cells on their words, instead of the caption head; with "
