@@ -1319,21 +1319,44 @@ def test_ground_edit_adds_grounds_the_added_objects_first_cell_on_the_words_that
         cell = cell_targets[i].tolist().index(q)
         assert changed[cell] and not changed[:cell].any()
     with torch.no_grad():
-        _, parts = TrainingModel(model, caption_ground_weight=1.0, edit_ref_head=(3, 0),
-                                 edit_ref_readout_fields=("position",))(batch)
-    assert parts["ground"] > 0 and parts["readout"] > 0
+        kw = {"caption_ground_weight": 1.0, "edit_ref_head": (3, 0), "edit_ref_readout_fields": ("position",)}
+        by_edit_head = TrainingModel(model, **kw)
+        _, parts = by_edit_head(batch)
+        # --ground-edit-adds-caption: the same queries through generation's route, the caption head and its probes
+        by_caption = TrainingModel(model, adds_via_caption_head=True, **kw)
+        by_caption.caption_readout.load_state_dict(by_edit_head.caption_readout.state_dict())
+        _, caption_parts = by_caption(batch)
+        generation_route = TrainingModel(model, caption_ground_weight=1.0)  # no edit head: every cell query takes it
+        generation_route.caption_readout.load_state_dict(by_edit_head.caption_readout.state_dict())
+        _, generation_parts = generation_route(batch)
+    assert batch.ground_added.all()
+    assert parts["ground"] > 0 and parts["readout"] > 0 and "add_ground" not in parts
+    assert [(g[0], g[3]) for g in by_caption.grounding_groups(batch)] == [("add_ground", (2, 2))]
+    assert abs(caption_parts["add_ground"] - generation_parts["ground"]) < 1e-5
+    assert abs(caption_parts["add_readout"] - generation_parts["readout"]) < 1e-4
+    assert abs(caption_parts["add_ground"] - parts["ground"]) > 1e-3  # another head
     with pytest.raises(ValueError, match="need ground_edit_refs"):
         make_example("edit", random.Random(0), tok, cfg, [(64, 64)], ground_edit_adds=True)
     with pytest.raises(ValueError, match="fits none of the en add templates"):
         added_object_span("Make the background red.", "en")
     stages = with_caption_grounding(default_stages(), 1.0, edits=True, edit_head=(3, 0), adds=True)
     assert [s.caption_ground_adds for s in stages] == [False, False, False, False, True]
+    assert not any(s.adds_via_caption_head for s in stages)
+    routed = with_caption_grounding(default_stages(), 1.0, edits=True, edit_head=(3, 0), adds=True, adds_via_caption=True)
+    assert [s.adds_via_caption_head for s in routed] == [False, False, False, False, True]
     assert not any(s.caption_ground_adds for s in with_caption_grounding(default_stages(), 1.0, adds=True))
     defaults = {"ground": True, "ground_readout": True, "ground_two_objects": 3.0, "ground_captions": 1.0}
     assert run_option_flags({**defaults, "ground_edit_refs": True, "ground_edit_adds": True}) == \
         "--ground-edit-refs --ground-edit-adds"
-    with pytest.raises(SystemExit):
-        main(["--out", str(tmp_path / "x"), "--ground-edit-adds"])
+    assert run_option_flags({**defaults, "ground_edit_refs": True, "ground_edit_adds": True,
+                             "ground_edit_adds_caption": True}).endswith("--ground-edit-adds --ground-edit-adds-caption")
+    for flags in (["--ground-edit-adds"], ["--ground-edit-refs", "--ground-edit-adds-caption"]):
+        with pytest.raises(SystemExit):
+            main(["--out", str(tmp_path / "x"), *flags])
+    with pytest.raises(ValueError, match="needs caption_ground_adds"):
+        run_stage(4, Stage("4", 2, 1e-3, {"edit": 1.0}, [(64, 64)], caption_ground_weight=1.0,
+                           caption_ground_edits=True, adds_via_caption_head=True), None, None,
+                  tmp_path, 0, torch.device("cpu"), 0, 1)
     with pytest.raises(ValueError, match="needs caption_ground_edits"):
         run_stage(4, Stage("4", 2, 1e-3, {"edit": 1.0}, [(64, 64)], caption_ground_adds=True), None, None,
                   tmp_path, 0, torch.device("cpu"), 0, 1)

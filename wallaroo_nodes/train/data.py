@@ -56,6 +56,8 @@ class CaptionGrounding(NamedTuple):
     scene_objects: int
     # A moved object's new place (`ground_edit_moves`): its cells look up the words for the object's looks.
     moved: bool = False
+    # An added object (`ground_edit_adds`): the trainer may send it through the caption head, as generation does.
+    added: bool = False
 
 
 def readout_fields(obj: Obj) -> tuple[int, ...]:
@@ -243,8 +245,8 @@ def make_example(task: str, rng: random.Random, tok: TextTokenizer, cfg: Wallaro
         if ground_edit_adds and instruction and len(target.objects) > len(scene.objects):
             # No source object to name: the new one's cells look up its description, which holds its place too.
             (added,) = [o for o in target.objects if o not in scene.objects]
-            refs = caption_grounding(tok, cfg, prompt, target, instruction,
-                                     [(added, *added_object_span(instruction, lang))])
+            refs = [g._replace(added=True) for g in caption_grounding(
+                tok, cfg, prompt, target, instruction, [(added, *added_object_span(instruction, lang))])]
         return Example(task, prompt, target_image=render(target), source_image=source, vision_grid=grid,
                        vision_patches=patches, pixel_source=images.vq_input(source, canvas), ground=grounds,
                        caption_ground=refs)
@@ -289,6 +291,8 @@ class Batch:
     ground_by_cell: torch.Tensor | None = None        # (Q,) bool
     # Which cell queries are a moved object's new place (`ground_edit_moves`): the trainer gives them their own head.
     ground_moved: torch.Tensor | None = None          # (Q,) bool
+    # Which cell queries are an added object's first cell (`ground_edit_adds`).
+    ground_added: torch.Tensor | None = None          # (Q,) bool
 
 
 def collate(examples: list[Example], cfg: WallarooConfig) -> Batch:
@@ -303,6 +307,7 @@ def collate(examples: list[Example], cfg: WallarooConfig) -> Batch:
     ground_cells: list[torch.Tensor | None] = []  # None: a vision-grounded query (no cells)
     ground_cell_base = []
     ground_moved: list[bool] = []
+    ground_added: list[bool] = []
     seqs = []
     for e in examples:
         ids = list(e.prompt.ids)
@@ -343,7 +348,8 @@ def collate(examples: list[Example], cfg: WallarooConfig) -> Batch:
                 ground_cells.append(None)
                 ground_cell_base.append(0)
                 ground_moved.append(False)
-        for cells, phrase, fields, scene_objects, moved in e.caption_ground:
+                ground_added.append(False)
+        for cells, phrase, fields, scene_objects, moved, added in e.caption_ground:
             # The query (the position predicting the object's first drawn cell) needs the VQ's codes: the trainer
             # finds it from the cells and where this example's code targets begin.
             ground_q.append(-1)
@@ -354,6 +360,7 @@ def collate(examples: list[Example], cfg: WallarooConfig) -> Batch:
             ground_f.append(fields)
             ground_n.append(scene_objects)
             ground_moved.append(moved)
+            ground_added.append(added)
         for j, t in enumerate(cont):
             at = n_prompt + j
             if task == "understand":
@@ -399,4 +406,5 @@ def collate(examples: list[Example], cfg: WallarooConfig) -> Batch:
         ground_scene_objects=idx(ground_n),
         ground_cells=torch.stack(ground_cells) if ground_cells else None, ground_cell_base=idx(ground_cell_base),
         ground_by_cell=torch.tensor(by_cell) if ground_cells else None,
-        ground_moved=torch.tensor(ground_moved) if any(ground_moved) else None)
+        ground_moved=torch.tensor(ground_moved) if any(ground_moved) else None,
+        ground_added=torch.tensor(ground_added) if any(ground_added) else None)

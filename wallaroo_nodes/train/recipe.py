@@ -142,6 +142,10 @@ class Stage:
     # 0-3 (r74c, seventy-fourth run): add 0.66, editing 0.794 against 0.8095; the new object still took the source
     # object's size and shape, since place-only probes do not bring its looks from the words. Off.
     caption_ground_adds: bool = False
+    # With caption_ground_adds, whether those queries go through the caption head and its probes of every field (the
+    # route a generated object's first cell takes to its caption words) instead of the edit head: r74c's new objects
+    # took the source object's looks because place-only probes bring none from the words.
+    adds_via_caption_head: bool = False
     # With caption_ground_edits, the head (layer, head) that grounds a moved object's first cell at its new place
     # on the words that name it, with probes reading the object's looks (not its place) from there; None: moves are
     # grounded like the other named edits only, from the first cell they change. Moves failed most (0.66 of r73d's
@@ -215,13 +219,15 @@ def default_stages(scale: float = 1.0) -> list[Stage]:
 def with_caption_grounding(stages: list[Stage], weight: float, edits: bool = False,
                            edit_head: tuple[int, int] | None = None, edit_readout: bool = True,
                            edit_readout_fields: tuple[str, ...] | None = None, adds: bool = False,
-                           move_head: tuple[int, int] | None = None) -> list[Stage]:
+                           move_head: tuple[int, int] | None = None, adds_via_caption: bool = False) -> list[Stage]:
     """The stages with caption grounding at `weight` wherever they train generation with the LLM unfrozen (and,
     with `edits`, the edits of those stages grounded by the words that name their object, through `edit_head` if
     given, its probes reading `edit_readout_fields`; with `adds` too, edits adding an object by its words; with
-    `move_head`, moved objects' new places by their words through that head)."""
+    `move_head`, moved objects' new places by their words through that head; with `adds_via_caption`, added objects
+    through the caption head)."""
     return [replace(s, caption_ground_weight=weight, caption_ground_edits=edits and "edit" in s.tasks,
                     caption_ground_adds=adds and edits and "edit" in s.tasks,
+                    adds_via_caption_head=adds_via_caption and adds and edits and "edit" in s.tasks,
                     move_ref_head=move_head if edits and "edit" in s.tasks else None,
                     edit_ref_head=edit_head if edits and "edit" in s.tasks else None, edit_ref_readout=edit_readout,
                     edit_ref_readout_fields=edit_readout_fields)
@@ -366,7 +372,7 @@ def ground_subset(batch: Batch, select: torch.Tensor) -> Batch:
     """The batch with only the grounded queries `select` (Q,) bool keeps."""
     at = select.nonzero().flatten().cpu()
     fields = ("ground_query_index", "ground_key_index", "ground_target", "ground_fields", "ground_scene_objects",
-              "ground_cells", "ground_cell_base", "ground_by_cell", "ground_moved")
+              "ground_cells", "ground_cell_base", "ground_by_cell", "ground_moved", "ground_added")
     return replace(batch, **{f: getattr(batch, f)[at.to(getattr(batch, f).device)] for f in fields
                              if getattr(batch, f) is not None})
 
@@ -384,7 +390,7 @@ class TrainingModel(nn.Module):
                  ground_two_object_weight: float = 1.0, caption_ground_weight: float = 0.0,
                  caption_ground_head: tuple[int, int] = (2, 2), edit_ref_head: tuple[int, int] | None = None,
                  edit_ref_readout: bool = True, edit_ref_readout_fields: tuple[str, ...] | None = None,
-                 move_ref_head: tuple[int, int] | None = None):
+                 move_ref_head: tuple[int, int] | None = None, adds_via_caption_head: bool = False):
         super().__init__()
         if ground_readout_weight > 0 and ground_weight <= 0:
             raise ValueError("ground_readout_weight reads the grounded head, so it needs ground_weight > 0")
@@ -412,6 +418,7 @@ class TrainingModel(nn.Module):
         self.edit_ref_readout = self.new_probes(edit_ref_readout_fields) \
             if edit_ref_head is not None and edit_ref_readout and caption_ground_weight > 0 else None
         self.move_ref_head = move_ref_head
+        self.adds_via_caption_head = adds_via_caption_head
         self.move_ref_readout = self.new_probes(MOVE_READOUT_FIELDS) \
             if move_ref_head is not None and caption_ground_weight > 0 else None
 
@@ -452,17 +459,24 @@ class TrainingModel(nn.Module):
             groups = [("ground", None, *cell)]
         else:
             groups = [("ground", ~by_cell, *vision), ("ref_ground", by_cell, *cell)]
-        moved = batch.ground_moved
-        if moved is not None and moved.any():
-            if self.move_ref_head is None:
-                raise ValueError("the batch grounds moved objects' new places (ground_edit_moves) but this trainer "
-                                 "has no move_ref_head to ground them through")
-            # The moved objects' new places leave the cell group for their own head and looks probes.
-            name, select, *rest = groups[-1]
-            groups[-1] = (name, ~moved if select is None else select & ~moved, *rest)
-            groups.append(("move_ground", moved, self.caption_ground_weight, self.move_ref_head,
-                           self.caption_ground_weight, self.move_ref_readout))
-        return [g for g in groups if g[2] > 0]
+        moved, added = batch.ground_moved, batch.ground_added
+        if moved is not None and moved.any() and self.move_ref_head is None:
+            raise ValueError("the batch grounds moved objects' new places (ground_edit_moves) but this trainer has no "
+                             "move_ref_head to ground them through")
+        # Moved objects' new places and (adds_via_caption_head) added objects leave the cell group (the last) for
+        # their own route: the move head and its looks probes, or generation's caption head and its probes.
+        routes = [("move_ground", moved, self.move_ref_head, self.move_ref_readout),
+                  ("add_ground", added if self.adds_via_caption_head and batch.task == "edit" else None,
+                   self.caption_ground_head, self.caption_readout)]
+        cell_at = len(groups) - 1
+        for route, select_route, head, probes in routes:
+            if select_route is None or not select_route.any():
+                continue
+            name, select, *rest = groups[cell_at]
+            groups[cell_at] = (name, ~select_route if select is None else select & ~select_route, *rest)
+            groups.append((route, select_route, self.caption_ground_weight, head, self.caption_ground_weight, probes))
+        # A group its queries all left (a batch whose only grounded edits add objects) has nothing to average.
+        return [g for g in groups if g[2] > 0 and (g[1] is None or g[1].any())]
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         m, dev = self.model, self.model.device
@@ -813,7 +827,8 @@ def stage_trainer(model: WallarooModel, stage: Stage) -> tuple[TrainingModel, li
     trainer = TrainingModel(model, stage.first_cell_weight, stage.edit_start_cells, stage.ground_weight,
                             stage.ground_head, stage.ground_readout_weight, stage.ground_two_object_weight,
                             stage.caption_ground_weight, stage.caption_ground_head, stage.edit_ref_head,
-                            stage.edit_ref_readout, stage.edit_ref_readout_fields, stage.move_ref_head)
+                            stage.edit_ref_readout, stage.edit_ref_readout_fields, stage.move_ref_head,
+                            stage.adds_via_caption_head)
     params = trainable_parameters(model, stage.trainable)
     for probes in trainer.probes().values():
         params = params + list(probes.parameters())
@@ -837,6 +852,9 @@ def run_stage(index: int, stage: Stage, model: WallarooModel, tok: TextTokenizer
     if stage.move_ref_head is not None and not stage.caption_ground_edits:
         raise ValueError(f"stage {stage.name}: move_ref_head grounds moved objects as caption_ground_edits grounds "
                          f"named ones, so it needs caption_ground_edits")
+    if stage.adds_via_caption_head and not stage.caption_ground_adds:
+        raise ValueError(f"stage {stage.name}: adds_via_caption_head routes the queries caption_ground_adds makes, so "
+                         f"it needs caption_ground_adds")
     if stage.caption_ground_adds and not stage.caption_ground_edits:
         raise ValueError(f"stage {stage.name}: caption_ground_adds grounds added objects as caption_ground_edits "
                          f"grounds named ones, so it needs caption_ground_edits")
@@ -958,6 +976,7 @@ def run_option_flags(options: dict[str, bool | float]) -> str:
     flags += ["--ground-edit-refs"] if options.get("ground_edit_refs", False) else []
     flags += ["--ground-edit-adds"] if options.get("ground_edit_adds", False) else []
     flags += ["--ground-edit-moves"] if options.get("ground_edit_moves", False) else []
+    flags += ["--ground-edit-adds-caption"] if options.get("ground_edit_adds_caption", False) else []
     head = options.get("edit_ref_head", False)
     flags += [f"--edit-ref-head {head[0]},{head[1]}"] if head else []
     flags += ["--" + k.replace("_", "-") for k in sorted(options) if not k.startswith("ground") and options[k] is True]
@@ -1160,6 +1179,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="with --ground-edit-refs, edits that add an object are grounded too: the new object's "
                              "first cell looks up the words that describe it (seventy-fourth run: add edits 0.74 -> "
                              "0.66; off)")
+    parser.add_argument("--ground-edit-adds-caption", action="store_true",
+                        help="with --ground-edit-adds, added objects are grounded through the caption head and its "
+                             "probes of every field, as generated objects are, instead of the edit head")
     parser.add_argument("--ground-edit-moves", action="store_true",
                         help=f"with --ground-edit-refs, a moved object's first cell at its new place looks up the words "
                              f"that name it through head {MOVE_REF_HEAD[0]},{MOVE_REF_HEAD[1]}, whose probes read the "
@@ -1194,6 +1216,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.ground_edit_refs and (not args.ground_captions or args.ground_edits):
         parser.error("--ground-edit-refs grounds edits with the caption head: it needs --ground-captions above 0 "
                      "and cannot go with --ground-edits")
+    if args.ground_edit_adds_caption and not args.ground_edit_adds:
+        parser.error("--ground-edit-adds-caption routes the queries --ground-edit-adds makes: add --ground-edit-adds or "
+                     "drop --ground-edit-adds-caption")
     for flag in ("ground_edit_adds", "ground_edit_moves"):
         if getattr(args, flag) and not args.ground_edit_refs:
             option = "--" + flag.replace("_", "-")
@@ -1234,6 +1259,7 @@ def main(argv: list[str] | None = None) -> int:
                                      "ground_edit_refs": args.ground_edit_refs,
                                      "ground_edit_adds": args.ground_edit_adds,
                                      "ground_edit_moves": args.ground_edit_moves,
+                                     "ground_edit_adds_caption": args.ground_edit_adds_caption,
                                      "edit_ref_head": list(args.edit_ref_head) if args.edit_ref_head else False,
                                      "no_edit_ref_readout": args.no_edit_ref_readout,
                                      "edit_ref_readout_place": args.edit_ref_readout_place,
@@ -1250,7 +1276,8 @@ def main(argv: list[str] | None = None) -> int:
                                         edit_head=args.edit_ref_head, edit_readout=not args.no_edit_ref_readout,
                                         edit_readout_fields=("position",) if args.edit_ref_readout_place else None,
                                         adds=args.ground_edit_adds,
-                                        move_head=MOVE_REF_HEAD if args.ground_edit_moves else None)
+                                        move_head=MOVE_REF_HEAD if args.ground_edit_moves else None,
+                                        adds_via_caption=args.ground_edit_adds_caption)
     vq_done = vq_steps_done(args.out) >= args.vq_steps + args.vq_polish_steps
     finished_before = vq_done and all((args.out / f"stage{i}.done").exists() for i in range(len(stages)))
     vq_run = (model.cfg.vq, args.vq_steps, args.out, args.seed)
