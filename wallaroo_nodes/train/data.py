@@ -236,15 +236,14 @@ def make_example(task: str, rng: random.Random, tok: TextTokenizer, cfg: Wallaro
             grounds = [grounding(0, scene, named_obj, grid, cfg, query)]
         refs = caption_grounding(tok, cfg, prompt, scene, instruction, [(named_obj, *span)]) \
             if ground_edit_refs and named_obj else []
-        moved = [o for o in target.objects if o not in scene.objects] if named_obj else []
-        if ground_edit_moves and refs and moved and moved[0].position != named_obj.position:
+        new_objects = [o for o in target.objects if o not in scene.objects]
+        if ground_edit_moves and refs and new_objects and new_objects[0].position != named_obj.position:
             # The object drawn at its new place: its cells must bring its looks from where the words found it.
-            ds = cfg.vq.downsample
-            cells = object_cell_mask(target, moved[0], canvas[0] // ds, canvas[1] // ds, min_share=0.0)
-            refs.append(refs[0]._replace(cells=cells, fields=readout_fields(moved[0]), moved=True))
+            (at_new_place,) = caption_grounding(tok, cfg, prompt, target, instruction, [(new_objects[0], *span)])
+            refs.append(at_new_place._replace(moved=True))
         if ground_edit_adds and instruction and len(target.objects) > len(scene.objects):
             # No source object to name: the new one's cells look up its description, which holds its place too.
-            (added,) = [o for o in target.objects if o not in scene.objects]
+            (added,) = new_objects
             refs = [g._replace(added=True) for g in caption_grounding(
                 tok, cfg, prompt, target, instruction, [(added, *added_object_span(instruction, lang))])]
         return Example(task, prompt, target_image=render(target), source_image=source, vision_grid=grid,
