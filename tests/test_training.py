@@ -1515,3 +1515,20 @@ def test_trainer_takes_the_side_threads_back_at_a_fixed_step_not_when_the_side_e
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_ground_readout_until_edits_drops_the_readout_of_the_editing_stage_only(tmp_path):
+    """--ground-readout-until-edits: stages 0-3 keep the read-out probes (as r72b's stages did), the editing stage
+    grounds without them (as r73d's stage 4 did, with --no-ground-readout on those stages)."""
+    from wallaroo_nodes.train.recipe import run_option_flags, with_grounding
+    until = with_grounding(default_stages(), readout_weight=1.0, edit_words=True, readout_until_edits=True)
+    on = with_grounding(default_stages(), readout_weight=1.0, edit_words=True)
+    off = with_grounding(default_stages(), readout_weight=0.0, edit_words=True)
+    assert [s.ground_readout_weight for s in until] == [1.0, 0.0, 1.0, 1.0, 0.0]  # stage 1 (alignment) not grounded
+    assert until[:4] == on[:4] and until[4] == off[4] and until[4] != on[4]
+    defaults = {"ground": True, "ground_readout": True, "ground_two_objects": 3.0, "ground_captions": 1.0}
+    assert run_option_flags({**defaults, "ground_readout_until_edits": True}) == "--ground-readout-until-edits"
+    for flags in (["--no-ground-readout"], ["--no-ground"]):
+        with pytest.raises(SystemExit):
+            main(["--out", str(tmp_path / "x"), "--ground-readout-until-edits", *flags])
+    assert not (tmp_path / "x").exists()

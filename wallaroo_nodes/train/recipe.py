@@ -235,14 +235,18 @@ def with_caption_grounding(stages: list[Stage], weight: float, edits: bool = Fal
 
 
 def with_grounding(stages: list[Stage], weight: float = 1.0, readout_weight: float = 0.0,
-                   two_object_weight: float = 1.0, edits: bool = False, edit_words: bool = False) -> list[Stage]:
+                   two_object_weight: float = 1.0, edits: bool = False, edit_words: bool = False,
+                   readout_until_edits: bool = False) -> list[Stage]:
     """The stages with the grounding loss at `weight` (its read-out at `readout_weight`, answers about one of two
     objects counted `two_object_weight` times) wherever they train understanding, and with `edits` (queried from
     the first code) or `edit_words` (from the naming words) editing too (`--ground`, `--ground-readout`,
-    `--ground-two-objects`, `--ground-edits`, `--ground-edit-words`)."""
+    `--ground-two-objects`, `--ground-edits`, `--ground-edit-words`); with `readout_until_edits` the stages that
+    train editing ground without the read-out (`--ground-readout-until-edits`)."""
     def grounded(s: Stage) -> bool:
         return "understand" in s.tasks or ((edits or edit_words) and "edit" in s.tasks)
-    return [replace(s, ground_weight=weight, ground_readout_weight=readout_weight,
+    def readout(s: Stage) -> float:
+        return 0.0 if readout_until_edits and "edit" in s.tasks else readout_weight
+    return [replace(s, ground_weight=weight, ground_readout_weight=readout(s),
                     ground_two_object_weight=two_object_weight, ground_edits=edits and "edit" in s.tasks,
                     ground_edit_words=edit_words and "edit" in s.tasks)
             if grounded(s) else s for s in stages]
@@ -965,6 +969,7 @@ def run_option_flags(options: dict[str, bool | float]) -> str:
         flags = ["--no-ground"]
     else:
         flags = ["--no-ground-readout"] if not options.get("ground_readout", False) else []
+        flags += ["--ground-readout-until-edits"] if options.get("ground_readout_until_edits", False) else []
         weight = options.get("ground_two_objects", False) or 1.0
         if weight != GROUND_TWO_OBJECTS:
             flags.append(f"--ground-two-objects {weight:g}")
@@ -1158,6 +1163,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ground-readout", action=argparse.BooleanOptionalAction, default=None,
                         help="with --ground, probes must read the named object's place and looks from the grounded "
                              "head (forty-second and forty-third runs; default: on with --ground)")
+    parser.add_argument("--ground-readout-until-edits", action="store_true",
+                        help="with --ground-readout, the stages that train editing ground without the read-out "
+                             "probes, whose looks the edit words would carry to the cells that must draw new ones "
+                             "(seventy-third run's stage 4)")
     parser.add_argument("--ground-two-objects", type=float, default=None, metavar="W",
                         help="with --ground, answers about one of two objects count W times in the grounding loss "
                              f"and read-out (default with --ground: {GROUND_TWO_OBJECTS:g}, the forty-third run's)")
@@ -1210,6 +1219,9 @@ def main(argv: list[str] | None = None) -> int:
         # before the run folder records options it cannot train
         parser.error("--ground-readout, --ground-two-objects, --ground-edits and --ground-edit-words change the "
                      "grounding loss, which --no-ground turns off: drop --no-ground or them")
+    if args.ground_readout_until_edits and (args.ground_readout is False or not args.ground):
+        parser.error("--ground-readout-until-edits limits the read-out that --no-ground-readout and --no-ground turn "
+                     "off: drop one of them")
     if args.ground_edit_words and args.ground_edits:
         parser.error("--ground-edit-words and --ground-edits ground the same edits from different queries: choose "
                      "one (--ground-edit-words goes with --ground-edit-refs: two hops)")
@@ -1251,6 +1263,7 @@ def main(argv: list[str] | None = None) -> int:
         check_run_options(args.out, {"vision_find": args.vision_find, "mrope_interleaved": args.mrope_interleaved,
                                      "ground": args.ground, "ground_readout": args.ground_readout,
                                      "ground_edits": args.ground_edits,
+                                     "ground_readout_until_edits": args.ground_readout_until_edits,
                                      "ground_edit_words": args.ground_edit_words,
                                      # recorded only when set, so folders from before the option resume
                                      "ground_two_objects": args.ground_two_objects if args.ground_two_objects != 1.0
@@ -1270,7 +1283,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.ground:
         stages = with_grounding(stages, readout_weight=1.0 if args.ground_readout else 0.0,
                                 two_object_weight=args.ground_two_objects, edits=args.ground_edits,
-                                edit_words=args.ground_edit_words)
+                                edit_words=args.ground_edit_words, readout_until_edits=args.ground_readout_until_edits)
     if args.ground_captions:
         stages = with_caption_grounding(stages, args.ground_captions, edits=args.ground_edit_refs,
                                         edit_head=args.edit_ref_head, edit_readout=not args.no_edit_ref_readout,
