@@ -21,7 +21,7 @@ from wallaroo_nodes.train.data import READOUT_FIELDS, collate, make_example
 from wallaroo_nodes.train.recipe import (Stage, TrainingModel, build_or_resume, copy_generation_into_edit,
                                          default_stages, main,
                                          object_start_cells, region_start_cells,
-                                         run_stage, step_context, step_examples, tiny_model_config,
+                                         resolve_run_options, run_stage, step_context, step_examples, tiny_model_config,
                                          train_vq, trainable_parameters)
 from wallaroo_nodes.train.tokenizer import train_tokenizer
 from wallaroo_nodes.engine.config import ProtocolConfig
@@ -714,7 +714,7 @@ def test_a_resume_must_repeat_the_run_options(tmp_path):
     assert json.loads((tmp_path / "options.json").read_text()) == {"vision_find": False, "mrope_interleaved": True}
     # The message gives the flags that repeat the recorded options, against the defaults (grounded since the
     # forty-third run): a folder from before grounding resumes with --no-ground.
-    with pytest.raises(SystemExit, match="started with --no-ground --ground-captions 0 --mrope-interleaved "):
+    with pytest.raises(SystemExit, match="started with --mrope-interleaved --no-ground --ground-captions 0 "):
         check_run_options(tmp_path, {"vision_find": False, "mrope_interleaved": True, "ground": True})
     weighted = tmp_path / "weighted"
     weighted.mkdir()
@@ -729,9 +729,11 @@ def test_a_resume_must_repeat_the_run_options(tmp_path):
     with pytest.raises(SystemExit, match="started with --no-ground "):
         check_run_options(old, {"vision_find": False, "ground": True, "ground_readout": True})
     check_run_options(old, {"vision_find": False, "ground": False, "ground_readout": False})
-    from wallaroo_nodes.train.recipe import run_option_flags
+    from wallaroo_nodes.train.recipe import resolve_run_options, run_option_flags
+    assert run_option_flags(resolve_run_options({})) == ""
+    # A folder from before two-hop edit grounding (seventy-third run) records it off and resumes so.
     assert run_option_flags({"ground": True, "ground_readout": True, "ground_two_objects": 3.0,
-                             "ground_captions": 1.0}) == ""
+                             "ground_captions": 1.0}) == "--no-ground-edit-refs"
     # A folder from before caption grounding (fifty-fifth run) records none and resumes with it off.
     assert run_option_flags({"ground": True, "ground_readout": False, "ground_two_objects": False,
                              "ground_edits": True}) == ("--no-ground-readout --ground-two-objects 1 --ground-edits "
@@ -1246,19 +1248,24 @@ def test_edit_ref_head_grounds_edit_cells_through_its_own_head_and_probes(bundle
         TrainingModel(model, edit_ref_head=(4, 0), **kw)
     stages = with_caption_grounding(default_stages(), 1.0, edits=True, edit_head=(3, 0))
     assert [s.edit_ref_head for s in stages] == [None, None, None, None, (3, 0)]
-    defaults = {"ground": True, "ground_readout": True, "ground_two_objects": 3.0, "ground_captions": 1.0}
-    recorded = {**defaults, "ground_edit_refs": True, "edit_ref_head": [3, 0]}
-    assert run_option_flags(recorded) == "--ground-edit-refs --edit-ref-head 3,0"
-    assert run_option_flags({**recorded, "no_edit_ref_readout": True}).endswith("3,0 --no-edit-ref-readout")
-    assert run_option_flags({**recorded, "edit_ref_readout_place": True}).endswith("3,0 --edit-ref-readout-place")
+    defaults = resolve_run_options({})
+    assert defaults["edit_ref_head"] == [3, 0] and defaults["edit_ref_readout_place"] and run_option_flags(defaults) == ""
+    recorded = {**defaults, "edit_ref_head": [3, 1]}
+    assert run_option_flags(recorded) == "--edit-ref-head 3,1"
+    assert run_option_flags({**defaults, "edit_ref_head": False, "edit_ref_readout_place": False}) == \
+        "--edit-ref-head caption"
+    assert run_option_flags({**defaults, "no_edit_ref_readout": True, "edit_ref_readout_place": False}) == \
+        "--no-edit-ref-readout"
+    assert run_option_flags({**defaults, "edit_ref_readout_place": False}) == "--no-edit-ref-readout-place"
     placed = with_caption_grounding(default_stages(), 1.0, edits=True, edit_head=(3, 0), edit_readout_fields=("position",))
     assert placed[4].edit_ref_head == (3, 0) and placed[4].edit_ref_readout_fields == ("position",)
     check_run_options(tmp_path, recorded)
-    with pytest.raises(SystemExit, match="--edit-ref-head 3,0"):
-        check_run_options(tmp_path, {**defaults, "ground_edit_refs": True, "edit_ref_head": False})
-    for flags in (["--edit-ref-head", "3,0"], ["--ground-edit-refs", "--edit-ref-head", "three"],
-                  ["--ground-edit-refs", "--no-edit-ref-readout"], ["--ground-edit-refs", "--edit-ref-readout-place"],
-                  ["--ground-edit-refs", "--edit-ref-head", "3,0", "--no-edit-ref-readout", "--edit-ref-readout-place"]):
+    with pytest.raises(SystemExit, match="--edit-ref-head 3,1"):
+        check_run_options(tmp_path, defaults)
+    for flags in (["--no-ground-edit-refs", "--edit-ref-head", "3,0"], ["--edit-ref-head", "three"],
+                  ["--edit-ref-head", "caption", "--no-edit-ref-readout"],
+                  ["--edit-ref-head", "caption", "--edit-ref-readout-place"],
+                  ["--no-edit-ref-readout", "--edit-ref-readout-place"]):
         with pytest.raises(SystemExit):
             main(["--out", str(tmp_path / "x"), *flags])
     assert not (tmp_path / "x").exists()
@@ -1345,12 +1352,11 @@ def test_ground_edit_adds_grounds_the_added_objects_first_cell_on_the_words_that
     routed = with_caption_grounding(default_stages(), 1.0, edits=True, edit_head=(3, 0), adds=True, adds_via_caption=True)
     assert [s.adds_via_caption_head for s in routed] == [False, False, False, False, True]
     assert not any(s.caption_ground_adds for s in with_caption_grounding(default_stages(), 1.0, adds=True))
-    defaults = {"ground": True, "ground_readout": True, "ground_two_objects": 3.0, "ground_captions": 1.0}
-    assert run_option_flags({**defaults, "ground_edit_refs": True, "ground_edit_adds": True}) == \
-        "--ground-edit-refs --ground-edit-adds"
-    assert run_option_flags({**defaults, "ground_edit_refs": True, "ground_edit_adds": True,
-                             "ground_edit_adds_caption": True}).endswith("--ground-edit-adds --ground-edit-adds-caption")
-    for flags in (["--ground-edit-adds"], ["--ground-edit-refs", "--ground-edit-adds-caption"]):
+    defaults = resolve_run_options({})
+    assert run_option_flags({**defaults, "ground_edit_adds": True}) == "--ground-edit-adds"
+    assert run_option_flags({**defaults, "ground_edit_adds": True, "ground_edit_adds_caption": True}) == \
+        "--ground-edit-adds --ground-edit-adds-caption"
+    for flags in (["--no-ground-edit-refs", "--ground-edit-adds"], ["--ground-edit-adds-caption"]):
         with pytest.raises(SystemExit):
             main(["--out", str(tmp_path / "x"), *flags])
     with pytest.raises(ValueError, match="needs caption_ground_adds"):
@@ -1422,11 +1428,10 @@ def test_ground_edit_moves_grounds_a_moved_objects_new_place_through_its_own_hea
         make_example("edit", random.Random(0), tok, cfg, [(64, 64)], ground_edit_moves=True)
     stages = with_caption_grounding(default_stages(), 1.0, edits=True, edit_head=(3, 0), move_head=MOVE_REF_HEAD)
     assert [s.move_ref_head for s in stages] == [None, None, None, None, MOVE_REF_HEAD]
-    defaults = {"ground": True, "ground_readout": True, "ground_two_objects": 3.0, "ground_captions": 1.0}
-    assert run_option_flags({**defaults, "ground_edit_refs": True, "ground_edit_moves": True}) == \
-        "--ground-edit-refs --ground-edit-moves"
+    defaults = resolve_run_options({})
+    assert run_option_flags({**defaults, "ground_edit_moves": True}) == "--ground-edit-moves"
     with pytest.raises(SystemExit):
-        main(["--out", str(tmp_path / "x"), "--ground-edit-moves"])
+        main(["--out", str(tmp_path / "x"), "--no-ground-edit-refs", "--ground-edit-moves"])
     with pytest.raises(ValueError, match="needs caption_ground_edits"):
         run_stage(4, Stage("4", 2, 1e-3, {"edit": 1.0}, [(64, 64)], move_ref_head=(3, 2)), None, None,
                   tmp_path, 0, torch.device("cpu"), 0, 1)
@@ -1439,11 +1444,17 @@ def test_ground_edit_refs_option_grounds_the_edits_of_caption_grounded_stages(se
     stages = with_caption_grounding(default_stages(), 1.0, edits=True)
     assert [s.caption_ground_edits for s in stages] == [False, False, False, False, True]
     assert not any(s.caption_ground_edits for s in with_caption_grounding(default_stages(), 1.0))
-    defaults = {"ground": True, "ground_readout": True, "ground_two_objects": 3.0, "ground_captions": 1.0}
-    assert run_option_flags({**defaults, "ground_edit_refs": True}) == "--ground-edit-refs"
-    check_run_options(tmp_path, {**defaults, "ground_edit_refs": True})
-    with pytest.raises(SystemExit, match="started with --ground-edit-refs "):
-        check_run_options(tmp_path, {**defaults, "ground_edit_refs": False})
+    defaults = resolve_run_options({})
+    assert defaults["ground_edit_refs"] and defaults["ground_edit_words"]  # two hops by default (seventy-third run)
+    one_hop = {"ground": True, "ground_readout": True, "ground_two_objects": 3.0, "ground_captions": 1.0,
+               "ground_edit_refs": True}
+    assert run_option_flags(one_hop) == "--no-ground-edit-words"
+    one_hop_now = resolve_run_options({"ground_edit_words": False})  # the second hop's head and probes go with it
+    assert run_option_flags(one_hop_now) == "--no-ground-edit-words" and one_hop_now["ground_edit_refs"]
+    assert not any(one_hop_now[k] for k in ("edit_ref_head", "edit_ref_readout_place", "ground_readout_until_edits"))
+    check_run_options(tmp_path, one_hop)
+    with pytest.raises(SystemExit, match="started with --no-ground-edit-words "):
+        check_run_options(tmp_path, defaults)
     for flags in (["--ground-captions", "0"], ["--ground-edits"], ["--ground-edit-words", "--ground-edits"]):
         with pytest.raises(SystemExit):
             main(["--out", str(tmp_path / "x"), "--ground-edit-refs", *flags])
@@ -1469,13 +1480,11 @@ def test_ground_captions_option_grounds_the_stages_that_train_generation_past_al
     stages = with_caption_grounding(default_stages(), 1.5)
     assert [s.caption_ground_weight for s in stages] == [0.0, 0.0, 1.5, 1.5, 1.5]
     assert [s.caption_ground_weight for s in default_stages()] == [0.0] * 5
-    assert run_option_flags({"ground": True, "ground_readout": True, "ground_two_objects": 3.0,
-                             "ground_captions": 0.5}) == "--ground-captions 0.5"
-    check_run_options(tmp_path, {"ground": True, "ground_readout": True, "ground_two_objects": 3.0,
-                                 "ground_captions": 1.0})
+    defaults = resolve_run_options({})
+    assert run_option_flags({**defaults, "ground_captions": 0.5}) == "--ground-captions 0.5"
+    check_run_options(tmp_path, defaults)
     with pytest.raises(SystemExit, match="started with no option flags "):  # the defaults
-        check_run_options(tmp_path, {"ground": True, "ground_readout": True, "ground_two_objects": 3.0,
-                                     "ground_captions": False})
+        check_run_options(tmp_path, {**defaults, "ground_captions": False})
 
 
 def _sleep_then_exit(seconds: float, code: int) -> None:
@@ -1520,14 +1529,17 @@ def test_trainer_takes_the_side_threads_back_at_a_fixed_step_not_when_the_side_e
 def test_ground_readout_until_edits_drops_the_readout_of_the_editing_stage_only(tmp_path):
     """--ground-readout-until-edits: stages 0-3 keep the read-out probes (as r72b's stages did), the editing stage
     grounds without them (as r73d's stage 4 did, with --no-ground-readout on those stages)."""
-    from wallaroo_nodes.train.recipe import run_option_flags, with_grounding
+    from wallaroo_nodes.train.recipe import resolve_run_options, run_option_flags, with_grounding
     until = with_grounding(default_stages(), readout_weight=1.0, edit_words=True, readout_until_edits=True)
     on = with_grounding(default_stages(), readout_weight=1.0, edit_words=True)
     off = with_grounding(default_stages(), readout_weight=0.0, edit_words=True)
     assert [s.ground_readout_weight for s in until] == [1.0, 0.0, 1.0, 1.0, 0.0]  # stage 1 (alignment) not grounded
     assert until[:4] == on[:4] and until[4] == off[4] and until[4] != on[4]
-    defaults = {"ground": True, "ground_readout": True, "ground_two_objects": 3.0, "ground_captions": 1.0}
-    assert run_option_flags({**defaults, "ground_readout_until_edits": True}) == "--ground-readout-until-edits"
+    defaults = resolve_run_options({})
+    assert defaults["ground_readout_until_edits"] and run_option_flags(defaults) == ""
+    assert run_option_flags({**defaults, "ground_readout_until_edits": False}) == "--no-ground-readout-until-edits"
+    # r73d: its stages 0-3 (r72b's) had the read-out, its stage 4 had none, recorded as --no-ground-readout
+    assert resolve_run_options({"ground_readout": False})["ground_readout_until_edits"] is False
     for flags in (["--no-ground-readout"], ["--no-ground"]):
         with pytest.raises(SystemExit):
             main(["--out", str(tmp_path / "x"), "--ground-readout-until-edits", *flags])

@@ -56,6 +56,8 @@ GROUND_CAPTIONS = 1.0
 # looks, which its new place must draw.
 MOVE_REF_HEAD = (3, 2)
 MOVE_READOUT_FIELDS = ("shape", "colour", "size")
+# The head of the edits' second grounding hop (Stage.edit_ref_head says why a layer after the first hop's).
+EDIT_REF_HEAD = (3, 0)
 
 
 @dataclass
@@ -962,30 +964,68 @@ def build_or_resume(out: Path, seed: int, device: torch.device, rank: int,
 RUN_OPTIONS_FILE = "options.json"
 
 
-def run_option_flags(options: dict[str, bool | float]) -> str:
+# A run's recorded options (options.json) in the order their defaults depend on each other: each default is a
+# function of the options before it. Edits are grounded in two hops by default (seventy-third run, r73d): the
+# naming words find the object (`ground_head`, no read-out probes in stage 4), the first changed cell finds the
+# words through EDIT_REF_HEAD, whose probes read only the object's place.
+RUN_OPTION_DEFAULTS: list[tuple[str, Callable[[dict], object]]] = [
+    ("vision_find", lambda o: False),
+    ("mrope_interleaved", lambda o: False),
+    ("ground", lambda o: True),
+    ("ground_readout", lambda o: o["ground"]),
+    ("ground_two_objects", lambda o: GROUND_TWO_OBJECTS if o["ground"] else False),  # False: weight 1
+    ("ground_edits", lambda o: False),
+    ("ground_captions", lambda o: GROUND_CAPTIONS),  # False: off
+    ("ground_edit_refs", lambda o: bool(o["ground_captions"]) and not o["ground_edits"]),
+    ("ground_edit_words", lambda o: o["ground"] and o["ground_edit_refs"] and not o["ground_edits"]),
+    ("ground_readout_until_edits", lambda o: o["ground_readout"] and o["ground_edit_words"]),
+    ("edit_ref_head", lambda o: list(EDIT_REF_HEAD) if o["ground_edit_refs"] and o["ground_edit_words"] else False),
+    ("no_edit_ref_readout", lambda o: False),
+    ("edit_ref_readout_place", lambda o: bool(o["edit_ref_head"]) and not o["no_edit_ref_readout"]),
+    ("ground_edit_adds", lambda o: False),
+    ("ground_edit_moves", lambda o: False),
+    ("ground_edit_adds_caption", lambda o: False),
+    ("edit_instruction_first", lambda o: False),
+]
+# Options a flag pair sets either way (argparse.BooleanOptionalAction); the others are switched on by one flag.
+TWO_WAY_OPTIONS = {"ground", "ground_readout", "ground_edit_refs", "ground_edit_words", "ground_readout_until_edits",
+                   "edit_ref_readout_place"}
+
+
+def resolve_run_options(chosen: dict[str, object]) -> dict[str, object]:
+    """A run's options: each one `chosen` leaves out or None takes the recipe's default given those before it."""
+    options: dict[str, object] = {}
+    for key, default in RUN_OPTION_DEFAULTS:
+        value = chosen.get(key)
+        options[key] = default(options) if value is None else value
+    return options
+
+
+def _option_flag(key: str, value: object) -> str:
+    flag = "--" + key.replace("_", "-")
+    if key == "ground_two_objects":
+        return f"{flag} {value or 1.0:g}"
+    if key == "ground_captions":
+        return f"{flag} {value or 0.0:g}"
+    if key == "edit_ref_head":
+        return f"{flag} {value[0]},{value[1]}" if value else f"{flag} caption"
+    if value:
+        return flag
+    return "--no-" + key.replace("_", "-") if key in TWO_WAY_OPTIONS else ""
+
+
+def run_option_flags(options: dict[str, object]) -> str:
     """The command-line flags that start a run with these recorded options ("" for the defaults; an option a folder
     predates records nothing and reads as off)."""
-    if not options.get("ground", False):
-        flags = ["--no-ground"]
-    else:
-        flags = ["--no-ground-readout"] if not options.get("ground_readout", False) else []
-        flags += ["--ground-readout-until-edits"] if options.get("ground_readout_until_edits", False) else []
-        weight = options.get("ground_two_objects", False) or 1.0
-        if weight != GROUND_TWO_OBJECTS:
-            flags.append(f"--ground-two-objects {weight:g}")
-        flags += ["--ground-edits"] if options.get("ground_edits", False) else []
-        flags += ["--ground-edit-words"] if options.get("ground_edit_words", False) else []
-    captions = options.get("ground_captions", False) or 0.0
-    if captions != GROUND_CAPTIONS:
-        flags.append(f"--ground-captions {captions:g}")
-    flags += ["--ground-edit-refs"] if options.get("ground_edit_refs", False) else []
-    flags += ["--ground-edit-adds"] if options.get("ground_edit_adds", False) else []
-    flags += ["--ground-edit-moves"] if options.get("ground_edit_moves", False) else []
-    flags += ["--ground-edit-adds-caption"] if options.get("ground_edit_adds_caption", False) else []
-    head = options.get("edit_ref_head", False)
-    flags += [f"--edit-ref-head {head[0]},{head[1]}"] if head else []
-    flags += ["--" + k.replace("_", "-") for k in sorted(options) if not k.startswith("ground") and options[k] is True]
-    return " ".join(flags)
+    seen: dict[str, object] = {}
+    flags = []
+    for key, default in RUN_OPTION_DEFAULTS:
+        value = options.get(key, False)
+        value = list(value) if isinstance(value, (list, tuple)) else value
+        if value != default(seen):
+            flags.append(_option_flag(key, value))
+        seen[key] = value
+    return " ".join(f for f in flags if f)
 
 
 def check_run_options(out: Path, options: dict[str, bool | float]) -> None:
@@ -1129,12 +1169,14 @@ def export(model: WallarooModel, tok_path: Path, folder: Path, sampling: Samplin
     return save_model_folder(folder, cfg, model.state_dict().items(), tok_path)
 
 
-def layer_head(text: str) -> tuple[int, int]:
-    """"LAYER,HEAD" (as typed on the command line) as a (layer, head) pair."""
+def layer_head(text: str) -> tuple[int, int] | bool:
+    """"LAYER,HEAD" (as typed on the command line) as a (layer, head) pair; "caption" (the caption head) as False."""
+    if text == "caption":
+        return False
     try:
         layer, head = (int(part) for part in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not LAYER,HEAD (two integers, e.g. 3,0)") from None
+        raise argparse.ArgumentTypeError(f"{text!r} is not LAYER,HEAD (two integers, e.g. 3,0) or caption") from None
     return layer, head
 
 
@@ -1157,54 +1199,58 @@ def main(argv: list[str] | None = None) -> int:
                         help="vision pretraining also finds each object from a description (thirty-eighth run)")
     parser.add_argument("--mrope-interleaved", action="store_true",
                         help="the LLM's M-RoPE in Qwen3-VL's interleaved layout (thirty-ninth run)")
-    parser.add_argument("--ground", action=argparse.BooleanOptionalAction, default=True,
+    two_way = argparse.BooleanOptionalAction
+    parser.add_argument("--ground", action=two_way, default=None,
                         help="the grounding loss in every stage with understanding, from stage 0 on (forty-first run; "
                              "on by default since the forty-third run became the bundle)")
-    parser.add_argument("--ground-readout", action=argparse.BooleanOptionalAction, default=None,
+    parser.add_argument("--ground-readout", action=two_way, default=None,
                         help="with --ground, probes must read the named object's place and looks from the grounded "
                              "head (forty-second and forty-third runs; default: on with --ground)")
-    parser.add_argument("--ground-readout-until-edits", action="store_true",
+    parser.add_argument("--ground-readout-until-edits", action=two_way, default=None,
                         help="with --ground-readout, the stages that train editing ground without the read-out "
                              "probes, whose looks the edit words would carry to the cells that must draw new ones "
-                             "(seventy-third run's stage 4)")
+                             "(seventy-third run's stage 4; default: on with --ground-edit-words)")
     parser.add_argument("--ground-two-objects", type=float, default=None, metavar="W",
                         help="with --ground, answers about one of two objects count W times in the grounding loss "
                              f"and read-out (default with --ground: {GROUND_TWO_OBJECTS:g}, the forty-third run's)")
-    parser.add_argument("--ground-edits", action="store_true",
+    parser.add_argument("--ground-edits", action="store_true", default=None,
                         help="with --ground, edits that name an object are grounded too, from the position that "
-                             "predicts their first code (forty-fifth run)")
-    parser.add_argument("--ground-edit-words", action="store_true",
-                        help="with --ground, edits that name an object are grounded from the instruction's last "
-                             "token that names it (sixty-seventh run's probe; off); with --ground-edit-refs, two "
-                             "hops: words to object, first changed cell to words")
-    parser.add_argument("--ground-captions", type=float, default=GROUND_CAPTIONS, metavar="W",
+                             "predicts their first code (forty-fifth run; off)")
+    parser.add_argument("--ground-captions", type=float, default=None, metavar="W",
                         help="caption grounding at weight W in every stage that trains generation past alignment: "
                              "each generated object's first drawn cell looks up its caption phrase (fifty-fifth run; "
                              f"default {GROUND_CAPTIONS:g}; 0 = off, the recipe before it)")
-    parser.add_argument("--ground-edit-refs", action="store_true",
+    parser.add_argument("--ground-edit-refs", action=two_way, default=None,
                         help="with caption grounding, edits that name an object are grounded by their words too: the "
-                             "first cell of the object that the edit changes looks up the phrase that names it")
-    parser.add_argument("--ground-edit-adds", action="store_true",
+                             "first cell of the object that the edit changes looks up the phrase that names it "
+                             "(default: on with caption grounding)")
+    parser.add_argument("--ground-edit-words", action=two_way, default=None,
+                        help="with --ground, edits that name an object are grounded from the instruction's last "
+                             "token that names it; with --ground-edit-refs, two hops: words to object, first changed "
+                             "cell to words (sixty-eighth to seventy-third runs; default: on with both)")
+    parser.add_argument("--edit-ref-head", type=layer_head, default=None, metavar="LAYER,HEAD",
+                        help="with --ground-edit-refs, the attention head (and probes of its own) that grounds the "
+                             "edits' changed cells on their words; 'caption' for the caption head; with "
+                             "--ground-edit-words pick a later layer than the first hop's (2) "
+                             f"(default with both: {EDIT_REF_HEAD[0]},{EDIT_REF_HEAD[1]})")
+    parser.add_argument("--no-edit-ref-readout", action="store_true", default=None,
+                        help="with --edit-ref-head, no read-out probes on that head: only where it looks is taught")
+    parser.add_argument("--edit-ref-readout-place", action=two_way, default=None,
+                        help="with --edit-ref-head, that head's probes read only the named object's place, not its "
+                             "looks, so the changed cell learns where the object is without its old colour and shape "
+                             "(seventy-third run; default: on with --edit-ref-head)")
+    parser.add_argument("--ground-edit-adds", action="store_true", default=None,
                         help="with --ground-edit-refs, edits that add an object are grounded too: the new object's "
                              "first cell looks up the words that describe it (seventy-fourth run: add edits 0.74 -> "
                              "0.66; off)")
-    parser.add_argument("--ground-edit-adds-caption", action="store_true",
+    parser.add_argument("--ground-edit-adds-caption", action="store_true", default=None,
                         help="with --ground-edit-adds, added objects are grounded through the caption head and its "
-                             "probes of every field, as generated objects are, instead of the edit head")
-    parser.add_argument("--ground-edit-moves", action="store_true",
+                             "probes of every field, as generated objects are, instead of the edit head (off)")
+    parser.add_argument("--ground-edit-moves", action="store_true", default=None,
                         help=f"with --ground-edit-refs, a moved object's first cell at its new place looks up the words "
                              f"that name it through head {MOVE_REF_HEAD[0]},{MOVE_REF_HEAD[1]}, whose probes read the "
                              f"object's looks (seventy-fourth run: background edits broke, editing 0.551; off)")
-    parser.add_argument("--edit-ref-head", type=layer_head, default=None, metavar="LAYER,HEAD",
-                        help="with --ground-edit-refs, the attention head (and probes of its own) that grounds the "
-                             "edits' changed cells on their words, instead of the caption head; with "
-                             "--ground-edit-words pick a later layer than the first hop's (2), e.g. 3,0")
-    parser.add_argument("--no-edit-ref-readout", action="store_true",
-                        help="with --edit-ref-head, no read-out probes on that head: only where it looks is taught")
-    parser.add_argument("--edit-ref-readout-place", action="store_true",
-                        help="with --edit-ref-head, that head's probes read only the named object's place, not its "
-                             "looks, so the changed cell learns where the object is without its old colour and shape")
-    parser.add_argument("--edit-instruction-first", action="store_true",
+    parser.add_argument("--edit-instruction-first", action="store_true", default=None,
                         help="put an edit's instruction before its source image blocks, so each drawn cell sits a fixed "
                              "distance from its source cell (the reference puts it after; the exported config "
                              "records it)")
@@ -1214,41 +1260,53 @@ def main(argv: list[str] | None = None) -> int:
                         help="autocast dtype of the stages (auto: bf16 where the hardware has native bf16)")
     parser.add_argument("--batch-size", type=int, default=0, help="override every stage's batch size (0 = recipe's)")
     args = parser.parse_args(argv)
-    if not args.ground and (args.ground_readout or args.ground_two_objects not in (None, 1.0) or args.ground_edits
-                           or args.ground_edit_words):
-        # before the run folder records options it cannot train
+    chosen = {key: getattr(args, key) for key, _ in RUN_OPTION_DEFAULTS}
+    chosen["vision_find"] = args.vision_find or None
+    chosen["mrope_interleaved"] = args.mrope_interleaved or None
+    if args.ground_two_objects is not None:
+        chosen["ground_two_objects"] = args.ground_two_objects if args.ground_two_objects != 1.0 else False
+    if args.ground_captions is not None:
+        chosen["ground_captions"] = args.ground_captions or False
+    if args.edit_ref_head not in (None, False):
+        chosen["edit_ref_head"] = list(args.edit_ref_head)
+    options = resolve_run_options(chosen)
+    # Defaults follow the options chosen before them, so only an explicit choice can contradict another; each
+    # check runs before the run folder records options it cannot train.
+    if not options["ground"] and (options["ground_readout"] or options["ground_two_objects"] or options["ground_edits"]
+                                  or options["ground_edit_words"]):
         parser.error("--ground-readout, --ground-two-objects, --ground-edits and --ground-edit-words change the "
                      "grounding loss, which --no-ground turns off: drop --no-ground or them")
-    if args.ground_readout_until_edits and (args.ground_readout is False or not args.ground):
+    if options["ground_readout_until_edits"] and not options["ground_readout"]:
         parser.error("--ground-readout-until-edits limits the read-out that --no-ground-readout and --no-ground turn "
                      "off: drop one of them")
-    if args.ground_edit_words and args.ground_edits:
+    if options["ground_edit_words"] and options["ground_edits"]:
         parser.error("--ground-edit-words and --ground-edits ground the same edits from different queries: choose "
-                     "one (--ground-edit-words goes with --ground-edit-refs: two hops)")
-    if args.ground_edit_refs and (not args.ground_captions or args.ground_edits):
+                     "one (add --no-ground-edit-words to use --ground-edits)")
+    if options["ground_edit_refs"] and (not options["ground_captions"] or options["ground_edits"]):
         parser.error("--ground-edit-refs grounds edits with the caption head: it needs --ground-captions above 0 "
-                     "and cannot go with --ground-edits")
-    if args.ground_edit_adds_caption and not args.ground_edit_adds:
+                     "and cannot go with --ground-edits (add --no-ground-edit-refs)")
+    if options["ground_edit_adds_caption"] and not options["ground_edit_adds"]:
         parser.error("--ground-edit-adds-caption routes the queries --ground-edit-adds makes: add --ground-edit-adds or "
                      "drop --ground-edit-adds-caption")
-    for flag in ("ground_edit_adds", "ground_edit_moves"):
-        if getattr(args, flag) and not args.ground_edit_refs:
-            option = "--" + flag.replace("_", "-")
-            parser.error(f"{option} grounds edits as --ground-edit-refs grounds named objects: add --ground-edit-refs "
-                         f"or drop {option}")
-    if args.edit_ref_head is not None and not args.ground_edit_refs:
-        parser.error("--edit-ref-head picks the head that --ground-edit-refs trains: add --ground-edit-refs or "
-                     "drop --edit-ref-head")
-    if args.no_edit_ref_readout and args.edit_ref_head is None:
-        parser.error("--no-edit-ref-readout drops the probes of the head --edit-ref-head picks: add --edit-ref-head "
-                     "or drop --no-edit-ref-readout")
-    if args.edit_ref_readout_place and (args.edit_ref_head is None or args.no_edit_ref_readout):
-        parser.error("--edit-ref-readout-place narrows the probes of the head --edit-ref-head picks: add "
+    for key in ("ground_edit_adds", "ground_edit_moves"):
+        if options[key] and not options["ground_edit_refs"]:
+            option = "--" + key.replace("_", "-")
+            parser.error(f"{option} grounds edits as --ground-edit-refs grounds named objects: drop "
+                         f"--no-ground-edit-refs or {option}")
+    if options["edit_ref_head"] and not options["ground_edit_refs"]:
+        parser.error("--edit-ref-head picks the head that --ground-edit-refs trains: drop --no-ground-edit-refs or "
+                     "--edit-ref-head")
+    if options["no_edit_ref_readout"] and not options["edit_ref_head"]:
+        parser.error("--no-edit-ref-readout drops the probes of the head --edit-ref-head picks, and there is none: "
+                     "pick one with --edit-ref-head or drop --no-edit-ref-readout")
+    if options["edit_ref_readout_place"] and (not options["edit_ref_head"] or options["no_edit_ref_readout"]):
+        parser.error("--edit-ref-readout-place narrows the probes of the head --edit-ref-head picks: pick one with "
                      "--edit-ref-head and drop --no-edit-ref-readout")
-    if args.ground_readout is None:
-        args.ground_readout = args.ground
-    if args.ground_two_objects is None:
-        args.ground_two_objects = GROUND_TWO_OBJECTS if args.ground else 1.0
+    for key, value in options.items():
+        setattr(args, key, value)
+    args.ground_two_objects = options["ground_two_objects"] or 1.0
+    args.ground_captions = options["ground_captions"] or 0.0
+    args.edit_ref_head = tuple(options["edit_ref_head"]) if options["edit_ref_head"] else None
     if args.threads:
         torch.set_num_threads(args.threads)
     rank, world = _dist()
@@ -1260,23 +1318,7 @@ def main(argv: list[str] | None = None) -> int:
     log(json.dumps({"event": "started", "world_size": world, "threads_per_rank": torch.get_num_threads(),
                     "device": str(device)}))
     if rank == 0:
-        check_run_options(args.out, {"vision_find": args.vision_find, "mrope_interleaved": args.mrope_interleaved,
-                                     "ground": args.ground, "ground_readout": args.ground_readout,
-                                     "ground_edits": args.ground_edits,
-                                     "ground_readout_until_edits": args.ground_readout_until_edits,
-                                     "ground_edit_words": args.ground_edit_words,
-                                     # recorded only when set, so folders from before the option resume
-                                     "ground_two_objects": args.ground_two_objects if args.ground_two_objects != 1.0
-                                     else False,
-                                     "ground_captions": args.ground_captions or False,
-                                     "ground_edit_refs": args.ground_edit_refs,
-                                     "ground_edit_adds": args.ground_edit_adds,
-                                     "ground_edit_moves": args.ground_edit_moves,
-                                     "ground_edit_adds_caption": args.ground_edit_adds_caption,
-                                     "edit_ref_head": list(args.edit_ref_head) if args.edit_ref_head else False,
-                                     "no_edit_ref_readout": args.no_edit_ref_readout,
-                                     "edit_ref_readout_place": args.edit_ref_readout_place,
-                                     "edit_instruction_first": args.edit_instruction_first})
+        check_run_options(args.out, options)
     model, tok = build_or_resume(args.out, args.seed, device, rank, mrope_interleaved=args.mrope_interleaved,
                                  edit_instruction_first=args.edit_instruction_first)
     stages = [replace(s, batch_size=args.batch_size) if args.batch_size else s for s in default_stages(args.scale)]
