@@ -473,7 +473,7 @@ class TrainingModel(nn.Module):
         # Moved objects' new places and (adds_via_caption_head) added objects leave the cell group (the last) for
         # their own route: the move head and its looks probes, or generation's caption head and its probes.
         routes = [("move_ground", moved, self.move_ref_head, self.move_ref_readout),
-                  ("add_ground", added if self.adds_via_caption_head and batch.task == "edit" else None,
+                  ("add_ground", added if self.adds_via_caption_head else None,
                    self.caption_ground_head, self.caption_readout)]
         cell_at = len(groups) - 1
         for route, select_route, head, probes in routes:
@@ -1196,9 +1196,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="decoder-only VQ steps after --vq-steps: the codes stay, small shapes come out right")
     parser.add_argument("--vision-steps", type=int, default=VISION_STEPS,
                         help="scene-parsing steps of the vision tower before stage 0 (0 = none)")
-    parser.add_argument("--vision-find", action="store_true",
+    parser.add_argument("--vision-find", action="store_true", default=None,
                         help="vision pretraining also finds each object from a description (thirty-eighth run)")
-    parser.add_argument("--mrope-interleaved", action="store_true",
+    parser.add_argument("--mrope-interleaved", action="store_true", default=None,
                         help="the LLM's M-RoPE in Qwen3-VL's interleaved layout (thirty-ninth run)")
     two_way = argparse.BooleanOptionalAction
     parser.add_argument("--ground", action=two_way, default=None,
@@ -1263,8 +1263,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=0, help="override every stage's batch size (0 = recipe's)")
     args = parser.parse_args(argv)
     chosen = {key: getattr(args, key) for key, _ in RUN_OPTION_DEFAULTS}
-    chosen["vision_find"] = args.vision_find or None
-    chosen["mrope_interleaved"] = args.mrope_interleaved or None
     if args.ground_two_objects is not None:
         chosen["ground_two_objects"] = args.ground_two_objects if args.ground_two_objects != 1.0 else False
     if args.ground_captions is not None:
