@@ -1369,6 +1369,50 @@ def test_ground_edit_adds_grounds_the_added_objects_first_cell_on_the_words_that
     assert not (tmp_path / "x").exists()
 
 
+def test_ground_edit_moves_source_grounds_a_moved_objects_new_place_on_its_source_vision_tokens(bundle):
+    """--ground-edit-moves-source: the moved object's new place keeps its query and head but its keys are the vision
+    tokens that show the object in the source, not the words; everything else is as with --ground-edit-moves."""
+    from wallaroo_nodes.train.recipe import MOVE_REF_HEAD, run_option_flags, with_caption_grounding
+    model, tok = bundle
+    cfg = model.cfg
+    draws = {"uncond_prob": 0.1, "edit_kind_weights": {"move": 4.0}, "n_objects": 2, "ground_edit_words": True,
+             "ground_edit_refs": True, "ground_edit_moves": True}
+    moves = []
+    for seed in range(30):
+        e = make_example("edit", random.Random(seed), tok, cfg, [(64, 64)], ground_edit_moves_source=True, **draws)
+        words = make_example("edit", random.Random(seed), tok, cfg, [(64, 64)], **draws)
+        assert e.prompt.ids == words.prompt.ids and (np.asarray(e.target_image) == np.asarray(words.target_image)).all()
+        assert len(e.caption_ground) == len(words.caption_ground)
+        if len(e.caption_ground) < 2:
+            continue
+        (named, new_place), (_, by_words) = e.caption_ground, words.caption_ground
+        assert torch.equal(named.cells, words.caption_ground[0].cells) and named[1:] == words.caption_ground[0][1:]
+        assert new_place.moved and torch.equal(new_place.cells, by_words.cells) and new_place.fields == by_words.fields
+        # The keys: the source's vision tokens over the object's old place (the named object), none of the words.
+        slots = e.prompt.vision_slots
+        assert new_place.phrase_positions and set(new_place.phrase_positions) <= set(slots)
+        assert not set(new_place.phrase_positions) & set(by_words.phrase_positions)
+        assert e.ground and [slots[i] for i in e.ground[0].mask.nonzero().flatten().tolist()] == \
+            new_place.phrase_positions  # the tokens the first hop finds the named object in
+        moves.append(e)
+    assert len(moves) >= 10
+    batch = collate(moves, cfg)
+    trainer = TrainingModel(model, ground_weight=1.0, caption_ground_weight=1.0, edit_ref_head=(3, 0),
+                            edit_ref_readout_fields=("position",), move_ref_head=MOVE_REF_HEAD)
+    with torch.no_grad():
+        _, parts = trainer(batch)
+    assert 0 < parts["move_ground"] < float("inf") and parts["move_readout"] > 0
+    with pytest.raises(ValueError, match="needs ground_edit_moves"):
+        make_example("edit", random.Random(0), tok, cfg, [(64, 64)], ground_edit_moves_source=True,
+                     ground_edit_refs=True)
+    stages = with_caption_grounding(default_stages(), 1.0, edits=True, edit_head=(3, 0), move_head=MOVE_REF_HEAD,
+                                    moves_on_source=True)
+    assert [s.move_ref_on_source for s in stages] == [False, False, False, False, True]
+    defaults = resolve_run_options({})
+    assert run_option_flags({**defaults, "ground_edit_moves": True, "ground_edit_moves_source": True}) == \
+        "--ground-edit-moves --ground-edit-moves-source"
+
+
 def test_ground_edit_moves_grounds_a_moved_objects_new_place_through_its_own_head_and_looks_probes(bundle, tmp_path):
     """--ground-edit-moves: a move also grounds the first cell of the object at its new place on the words that
     name it, through a head of its own whose probes read the object's looks; the other queries keep their head,

@@ -145,7 +145,7 @@ def make_example(task: str, rng: random.Random, tok: TextTokenizer, cfg: Wallaro
                  edit_kind_weights: dict[str, float] | None = None, ground: bool = False,
                  ground_edits: bool = False, ground_captions: bool = False, ground_edit_refs: bool = False,
                  ground_edit_words: bool = False, ground_edit_adds: bool = False,
-                 ground_edit_moves: bool = False) -> Example:
+                 ground_edit_moves: bool = False, ground_edit_moves_source: bool = False) -> Example:
     """A random example of a task on one of the given canvases; prompts are dropped for CFG with uncond_prob.
 
     `n_objects` fixes the scene's object count (1 or 2); None draws it.
@@ -161,9 +161,12 @@ def make_example(task: str, rng: random.Random, tok: TextTokenizer, cfg: Wallaro
     fetch the object from the vision tokens, the first changed cell fetches the words. With `ground_edit_adds` (and
     `ground_edit_refs`) an edit adding an object grounds the new object's first cell on the words that describe it,
     as a generation caption does; with `ground_edit_moves` (and `ground_edit_refs`) a moved object's first cell
-    at its new place grounds on the words that name it too (`CaptionGrounding.moved`). The draws are the same
-    either way.
+    at its new place grounds on the words that name it too (`CaptionGrounding.moved`), or with
+    `ground_edit_moves_source` on the vision tokens that show it in the source. The draws are the same either way.
     """
+    if ground_edit_moves_source and not ground_edit_moves:
+        raise ValueError("ground_edit_moves_source changes what ground_edit_moves grounds a moved object on: it needs "
+                         "ground_edit_moves")
     if (ground_edit_adds or ground_edit_moves) and not ground_edit_refs:
         raise ValueError("ground_edit_adds and ground_edit_moves ground edits the way ground_edit_refs grounds named "
                          "objects: they need ground_edit_refs")
@@ -240,6 +243,12 @@ def make_example(task: str, rng: random.Random, tok: TextTokenizer, cfg: Wallaro
         if ground_edit_moves and refs and new_objects and new_objects[0].position != named_obj.position:
             # The object drawn at its new place: its cells must bring its looks from where the words found it.
             (at_new_place,) = caption_grounding(tok, cfg, prompt, target, instruction, [(new_objects[0], *span)])
+            if ground_edit_moves_source:
+                # Its looks from where the source shows it rather than from the words: words taught every cell to
+                # take looks from the instruction, and background edits drew invented objects (seventy-fourth run).
+                shown = object_token_mask(scene, named_obj, grid, cfg.vision.spatial_merge_size)
+                at_new_place = at_new_place._replace(
+                    phrase_positions=[prompt.vision_slots[i] for i in shown.nonzero().flatten().tolist()])
             refs.append(at_new_place._replace(moved=True))
         if ground_edit_adds and instruction and len(target.objects) > len(scene.objects):
             # No source object to name: the new one's cells look up its description, which holds its place too.

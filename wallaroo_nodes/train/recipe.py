@@ -157,6 +157,9 @@ class Stage:
     # (r74d, seventy-fourth run): two-object moves 0.46 -> 0.65 (replayed cases), but background edits fell to 0.04,
     # their cells drawing looks from the instruction words (invented objects), and editing to 0.551. Off.
     move_ref_head: tuple[int, int] | None = None
+    # With move_ref_head, the moved object's new place grounds on the vision tokens that show it in the source
+    # instead of the words, which taught every cell to take looks from the instruction (r74d's background edits).
+    move_ref_on_source: bool = False
     # The head (layer, head) that grounds those edits, with probes of its own; None: `caption_ground_head`. With
     # ground_edit_words the edit's second hop (cell to words) must sit in a later layer than the first (words to
     # object, `ground_head`): in the same layer the cell reads the words as they were before they fetched the
@@ -222,16 +225,18 @@ def default_stages(scale: float = 1.0) -> list[Stage]:
 def with_caption_grounding(stages: list[Stage], weight: float, edits: bool = False,
                            edit_head: tuple[int, int] | None = None, edit_readout: bool = True,
                            edit_readout_fields: tuple[str, ...] | None = None, adds: bool = False,
-                           move_head: tuple[int, int] | None = None, adds_via_caption: bool = False) -> list[Stage]:
+                           move_head: tuple[int, int] | None = None, adds_via_caption: bool = False,
+                           moves_on_source: bool = False) -> list[Stage]:
     """The stages with caption grounding at `weight` wherever they train generation with the LLM unfrozen (and,
     with `edits`, the edits of those stages grounded by the words that name their object, through `edit_head` if
     given, its probes reading `edit_readout_fields`; with `adds` too, edits adding an object by its words; with
-    `move_head`, moved objects' new places by their words through that head; with `adds_via_caption`, added objects
-    through the caption head)."""
+    `move_head`, moved objects' new places by their words through that head, or with `moves_on_source` by the
+    source's vision tokens of the object; with `adds_via_caption`, added objects through the caption head)."""
     return [replace(s, caption_ground_weight=weight, caption_ground_edits=edits and "edit" in s.tasks,
                     caption_ground_adds=adds and edits and "edit" in s.tasks,
                     adds_via_caption_head=adds_via_caption and adds and edits and "edit" in s.tasks,
                     move_ref_head=move_head if edits and "edit" in s.tasks else None,
+                    move_ref_on_source=moves_on_source and move_head is not None and edits and "edit" in s.tasks,
                     edit_ref_head=edit_head if edits and "edit" in s.tasks else None, edit_ref_readout=edit_readout,
                     edit_ref_readout_fields=edit_readout_fields)
             if "generate" in s.tasks and s.trainable != "align" else s for s in stages]
@@ -825,6 +830,7 @@ def task_examples(stage: Stage, task: str, canvas: tuple[int, int], rng: random.
                          ground=stage.ground_weight > 0, ground_edits=stage.ground_edits,
                          ground_captions=stage.caption_ground_weight > 0, ground_edit_refs=stage.caption_ground_edits,
                          ground_edit_adds=stage.caption_ground_adds, ground_edit_moves=stage.move_ref_head is not None,
+                         ground_edit_moves_source=stage.move_ref_on_source,
                          ground_edit_words=stage.ground_edit_words, n_objects=stage_objects(stage, task, rng))
             for _ in range(count)]
 
@@ -859,6 +865,9 @@ def run_stage(index: int, stage: Stage, model: WallarooModel, tok: TextTokenizer
     if stage.move_ref_head is not None and not stage.caption_ground_edits:
         raise ValueError(f"stage {stage.name}: move_ref_head grounds moved objects as caption_ground_edits grounds "
                          f"named ones, so it needs caption_ground_edits")
+    if stage.move_ref_on_source and stage.move_ref_head is None:
+        raise ValueError(f"stage {stage.name}: move_ref_on_source changes what move_ref_head grounds moves on, so it "
+                         f"needs move_ref_head")
     if stage.adds_via_caption_head and not stage.caption_ground_adds:
         raise ValueError(f"stage {stage.name}: adds_via_caption_head routes the queries caption_ground_adds makes, so "
                          f"it needs caption_ground_adds")
@@ -986,6 +995,7 @@ RUN_OPTION_DEFAULTS: list[tuple[str, Callable[[dict], object]]] = [
     ("ground_edit_adds", lambda o: False),
     ("ground_edit_moves", lambda o: False),
     ("ground_edit_adds_caption", lambda o: False),
+    ("ground_edit_moves_source", lambda o: False),
     ("edit_instruction_first", lambda o: False),
 ]
 # Options a flag pair sets either way (argparse.BooleanOptionalAction); the others are switched on by one flag.
@@ -1251,6 +1261,9 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"with --ground-edit-refs, a moved object's first cell at its new place looks up the words "
                              f"that name it through head {MOVE_REF_HEAD[0]},{MOVE_REF_HEAD[1]}, whose probes read the "
                              f"object's looks (seventy-fourth run: background edits broke, editing 0.551; off)")
+    parser.add_argument("--ground-edit-moves-source", action="store_true", default=None,
+                        help="with --ground-edit-moves, a moved object's new place looks up the object's vision tokens "
+                             "in the source instead of the words that name it (off)")
     parser.add_argument("--edit-instruction-first", action="store_true", default=None,
                         help="put an edit's instruction before its source image blocks, so each drawn cell sits a fixed "
                              "distance from its source cell (the reference puts it after; the exported config "
@@ -1288,6 +1301,9 @@ def main(argv: list[str] | None = None) -> int:
     if options["ground_edit_adds_caption"] and not options["ground_edit_adds"]:
         parser.error("--ground-edit-adds-caption routes the queries --ground-edit-adds makes: add --ground-edit-adds or "
                      "drop --ground-edit-adds-caption")
+    if options["ground_edit_moves_source"] and not options["ground_edit_moves"]:
+        parser.error("--ground-edit-moves-source changes what --ground-edit-moves grounds moves on: add "
+                     "--ground-edit-moves or drop --ground-edit-moves-source")
     for key in ("ground_edit_adds", "ground_edit_moves"):
         if options[key] and not options["ground_edit_refs"]:
             option = "--" + key.replace("_", "-")
@@ -1332,7 +1348,8 @@ def main(argv: list[str] | None = None) -> int:
                                         edit_readout_fields=("position",) if args.edit_ref_readout_place else None,
                                         adds=args.ground_edit_adds,
                                         move_head=MOVE_REF_HEAD if args.ground_edit_moves else None,
-                                        adds_via_caption=args.ground_edit_adds_caption)
+                                        adds_via_caption=args.ground_edit_adds_caption,
+                                        moves_on_source=args.ground_edit_moves_source)
     vq_done = vq_steps_done(args.out) >= args.vq_steps + args.vq_polish_steps
     finished_before = vq_done and all((args.out / f"stage{i}.done").exists() for i in range(len(stages)))
     vq_run = (model.cfg.vq, args.vq_steps, args.out, args.seed)
