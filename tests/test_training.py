@@ -1385,8 +1385,8 @@ def test_ground_edit_moves_source_grounds_a_moved_objects_new_place_on_its_sourc
         assert len(e.caption_ground) == len(words.caption_ground)
         if len(e.caption_ground) < 2:
             continue
-        (named, new_place), (_, by_words) = e.caption_ground, words.caption_ground
-        assert torch.equal(named.cells, words.caption_ground[0].cells) and named[1:] == words.caption_ground[0][1:]
+        (named, new_place), (named_by_words, by_words) = e.caption_ground, words.caption_ground
+        assert torch.equal(named.cells, named_by_words.cells) and named[1:] == named_by_words[1:]
         assert new_place.moved and torch.equal(new_place.cells, by_words.cells) and new_place.fields == by_words.fields
         # The keys: the source's vision tokens over the object's old place (the named object), none of the words.
         slots = e.prompt.vision_slots
