@@ -142,6 +142,28 @@ def test_a_stage_seed_offset_draws_the_next_seeds_data(setup, tmp_path):
     assert [s.seed_offset for s in default_stages()] == [0, 0, 1, 1, 1]
 
 
+def test_a_stage_draws_the_same_probes_whatever_the_process_drew_before(setup, tmp_path):
+    # A stage resumed in a fresh process must repeat the one a whole run reaches after its earlier stages: its new
+    # probes once took torch's global generator as those stages left it (seventy-fifth run, docs/tiny_model_runs.md).
+    tok, cfg = setup
+
+    def trained(earlier_draws: int, folder: str) -> dict[str, torch.Tensor]:
+        torch.manual_seed(11)
+        model = WallarooModel(cfg)
+        torch.randn(earlier_draws)  # what a process ran before this stage
+        stage = Stage("0-understanding-pretrain", 1, 1e-3, {"understand": 1.0}, [(64, 64)], trainable="reader",
+                      batch_size=2, ground_weight=1.0, ground_readout_weight=1.0)
+        (tmp_path / folder).mkdir()
+        run_stage(0, stage, model, tok, tmp_path / folder, 0, torch.device("cpu"), 0, 1, log=lambda line: None,
+                  precision=torch.float32)
+        saved = torch.load(tmp_path / folder / "stage0.pt", weights_only=True)
+        return {**saved["model"], **{f"readout.{k}": v for k, v in saved["readout"].items()}}
+
+    fresh, after = trained(0, "fresh"), trained(1000, "after")
+    assert any(k.startswith("readout.") for k in fresh)
+    assert all(torch.equal(fresh[k], after[k]) for k in fresh)
+
+
 def test_multi_turn_understanding_trains_on_every_answer_and_nothing_else(setup):
     tok, cfg = setup
     single = make_example("understand", random.Random(7), tok, cfg, [(64, 64)], qa_turns=1)

@@ -880,6 +880,9 @@ def run_stage(index: int, stage: Stage, model: WallarooModel, tok: TextTokenizer
     if stage.ground_edits and stage.ground_weight <= 0:
         raise ValueError(f"stage {stage.name}: ground_edits adds edits to the grounding loss, so it needs "
                          f"ground_weight > 0")
+    # The stage's new read-out probes start from a seed of the stage's own, not from whatever the process drew
+    # before (a whole run's earlier stages, or nothing in a resumed one): a resumed stage repeats a whole run's.
+    torch.manual_seed((seed + stage.seed_offset) * 1_000_003 + index * 10_000_019 + 17)
     training_model, params = stage_trainer(model, stage)
     training_model.to(device)
     probes = training_model.probes()
