@@ -44,9 +44,10 @@ VISION_STEPS = 1300  # scene-parsing steps before stage 0 (vision_pretrain.py sa
 SQUARE = [(64, 64)]
 FIRST_CELL_WEIGHT = 4.0
 # Stage 4's edit kinds: the ones two-object edits missed most (move 0.45, recolour 0.46, reshape 0.58 of the
-# forty-third run's; remove 0.65 and move 0.68 of the fifty-seventh's 2,000) weigh more, the background change and
-# the added object it nearly always made (0.95 and 0.93) less.
-STAGE4_EDIT_KIND_WEIGHTS = {"move": 2.0, "remove": 2.0, "recolour": 1.5, "reshape": 1.25, "background": 0.5,
+# forty-third run's; remove 0.65 and move 0.68 of the fifty-seventh's 2,000) weigh more, the added object it nearly
+# always made (0.93) less. Background changes weigh 1: at 0.5 they fell to 0.67 once two-hop grounding came in
+# (seventy-fifth run), at 1 they made 0.89 (seventy-sixth run, r76c).
+STAGE4_EDIT_KIND_WEIGHTS = {"move": 2.0, "remove": 2.0, "recolour": 1.5, "reshape": 1.25, "background": 1.0,
                             "add": 0.5}
 # How many times `--ground` counts an answer about one of two objects (Stage.ground_two_object_weight says why).
 GROUND_TWO_OBJECTS = 3.0
@@ -980,7 +981,8 @@ RUN_OPTIONS_FILE = "options.json"
 # A run's recorded options (options.json) in the order their defaults depend on each other: each default is a
 # function of the options before it. Edits are grounded in two hops by default (seventy-third run, r73d): the
 # naming words find the object (`ground_head`, no read-out probes in stage 4), the first changed cell finds the
-# words through EDIT_REF_HEAD, whose probes read only the object's place.
+# words through EDIT_REF_HEAD, whose probes read only the object's place. Added objects are grounded on the words
+# that describe them through the caption head, as generated ones are (seventy-sixth run: adds 0.70 -> 0.82).
 RUN_OPTION_DEFAULTS: list[tuple[str, Callable[[dict], object]]] = [
     ("vision_find", lambda o: False),
     ("mrope_interleaved", lambda o: False),
@@ -995,15 +997,15 @@ RUN_OPTION_DEFAULTS: list[tuple[str, Callable[[dict], object]]] = [
     ("edit_ref_head", lambda o: list(EDIT_REF_HEAD) if o["ground_edit_refs"] and o["ground_edit_words"] else False),
     ("no_edit_ref_readout", lambda o: False),
     ("edit_ref_readout_place", lambda o: bool(o["edit_ref_head"]) and not o["no_edit_ref_readout"]),
-    ("ground_edit_adds", lambda o: False),
+    ("ground_edit_adds", lambda o: bool(o["ground_edit_refs"])),
     ("ground_edit_moves", lambda o: False),
-    ("ground_edit_adds_caption", lambda o: False),
+    ("ground_edit_adds_caption", lambda o: bool(o["ground_edit_adds"])),
     ("ground_edit_moves_source", lambda o: False),
     ("edit_instruction_first", lambda o: False),
 ]
 # Options a flag pair sets either way (argparse.BooleanOptionalAction); the others are switched on by one flag.
 TWO_WAY_OPTIONS = {"ground", "ground_readout", "ground_edit_refs", "ground_edit_words", "ground_readout_until_edits",
-                   "edit_ref_readout_place"}
+                   "edit_ref_readout_place", "ground_edit_adds", "ground_edit_adds_caption"}
 
 
 def resolve_run_options(chosen: dict[str, object]) -> dict[str, object]:
@@ -1253,13 +1255,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="with --edit-ref-head, that head's probes read only the named object's place, not its "
                              "looks, so the changed cell learns where the object is without its old colour and shape "
                              "(seventy-third run; default: on with --edit-ref-head)")
-    parser.add_argument("--ground-edit-adds", action="store_true", default=None,
+    parser.add_argument("--ground-edit-adds", action=two_way, default=None,
                         help="with --ground-edit-refs, edits that add an object are grounded too: the new object's "
-                             "first cell looks up the words that describe it (seventy-fourth run: add edits 0.74 -> "
-                             "0.66; off)")
-    parser.add_argument("--ground-edit-adds-caption", action="store_true", default=None,
+                             "first cell looks up the words that describe it (seventy-fourth run, through the edit "
+                             "head: add edits 0.74 -> 0.66; default: on with --ground-edit-refs)")
+    parser.add_argument("--ground-edit-adds-caption", action=two_way, default=None,
                         help="with --ground-edit-adds, added objects are grounded through the caption head and its "
-                             "probes of every field, as generated objects are, instead of the edit head (off)")
+                             "probes of every field, as generated objects are, instead of the edit head (seventy-sixth "
+                             "run: add edits 0.70 -> 0.82; default: on with --ground-edit-adds)")
     parser.add_argument("--ground-edit-moves", action="store_true", default=None,
                         help=f"with --ground-edit-refs, a moved object's first cell at its new place looks up the words "
                              f"that name it through head {MOVE_REF_HEAD[0]},{MOVE_REF_HEAD[1]}, whose probes read the "
@@ -1302,8 +1305,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--ground-edit-refs grounds edits with the caption head: it needs --ground-captions above 0 "
                      "and cannot go with --ground-edits (add --no-ground-edit-refs)")
     if options["ground_edit_adds_caption"] and not options["ground_edit_adds"]:
-        parser.error("--ground-edit-adds-caption routes the queries --ground-edit-adds makes: add --ground-edit-adds or "
-                     "drop --ground-edit-adds-caption")
+        parser.error("--ground-edit-adds-caption routes the queries --ground-edit-adds makes, which is off here: drop "
+                     "--no-ground-edit-adds (and --no-ground-edit-refs) or --ground-edit-adds-caption")
     if options["ground_edit_moves_source"] and not options["ground_edit_moves"]:
         parser.error("--ground-edit-moves-source changes what --ground-edit-moves grounds moves on: add "
                      "--ground-edit-moves or drop --ground-edit-moves-source")
