@@ -1374,7 +1374,8 @@ def test_ground_edit_adds_grounds_the_added_objects_first_cell_on_the_words_that
     routed = with_caption_grounding(default_stages(), 1.0, edits=True, edit_head=(3, 0), adds=True, adds_via_caption=True)
     assert [s.adds_via_caption_head for s in routed] == [False, False, False, False, True]
     assert not any(s.caption_ground_adds for s in with_caption_grounding(default_stages(), 1.0, adds=True))
-    # On by default through the caption head since the seventy-sixth run; a folder from before records both off.
+    # On by default through the caption head since the seventy-seventh run (measured in the seventy-sixth); a folder
+    # from before records both off.
     defaults = resolve_run_options({})
     assert defaults["ground_edit_adds"] and defaults["ground_edit_adds_caption"] and run_option_flags(defaults) == ""
     assert run_option_flags({**defaults, "ground_edit_adds_caption": False}) == "--no-ground-edit-adds-caption"
@@ -1519,7 +1520,7 @@ def test_ground_edit_refs_option_grounds_the_edits_of_caption_grounded_stages(se
     assert defaults["ground_edit_refs"] and defaults["ground_edit_words"]  # two hops by default (seventy-third run)
     one_hop = {"ground": True, "ground_readout": True, "ground_two_objects": 3.0, "ground_captions": 1.0,
                "ground_edit_refs": True}
-    # That folder predates add grounding too (seventy-sixth run), so it resumes with that off as well.
+    # That folder predates add grounding too (default since the seventy-seventh run), so it resumes with that off.
     assert run_option_flags(one_hop) == "--no-ground-edit-words --no-ground-edit-adds"
     one_hop_now = resolve_run_options({"ground_edit_words": False})  # the second hop's head and probes go with it
     assert run_option_flags(one_hop_now) == "--no-ground-edit-words" and one_hop_now["ground_edit_refs"]

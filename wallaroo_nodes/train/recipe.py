@@ -807,12 +807,17 @@ def stage_objects(stage: Stage, task: str, rng: random.Random) -> int | None:
     return None
 
 
+def stage_seed(stage: Stage, index: int, seed: int) -> int:
+    """The seed a stage's draws start from: its step data (`step_examples`) and its new probes (`run_stage`)."""
+    return (seed + stage.seed_offset) * 1_000_003 + index * 10_000_019
+
+
 def step_examples(stage: Stage, index: int, step: int, seed: int, rank: int, count: int, tok: TextTokenizer,
                   cfg: WallarooConfig) -> tuple[str, list[Example]]:
     """The task and `count` examples that rank `rank` trains on at `step` of stage `index` (deterministic)."""
     # Every rank takes the same task and canvas (drawn from rank 0's stream): a data-parallel step waits
     # for its slowest rank, and an edit batch is half again as long as a generation batch.
-    step_seed = (seed + stage.seed_offset) * 1_000_003 + index * 10_000_019 + step * 131
+    step_seed = stage_seed(stage, index, seed) + step * 131
     rng = random.Random(step_seed)
     tasks, weights = zip(*stage.tasks.items())
     task = rng.choices(tasks, weights)[0]
@@ -883,7 +888,7 @@ def run_stage(index: int, stage: Stage, model: WallarooModel, tok: TextTokenizer
                          f"ground_weight > 0")
     # The stage's new read-out probes start from a seed of the stage's own, not from whatever the process drew
     # before (a whole run's earlier stages, or nothing in a resumed one): a resumed stage repeats a whole run's.
-    torch.manual_seed((seed + stage.seed_offset) * 1_000_003 + index * 10_000_019 + 17)
+    torch.manual_seed(stage_seed(stage, index, seed) + 17)
     training_model, params = stage_trainer(model, stage)
     training_model.to(device)
     probes = training_model.probes()
