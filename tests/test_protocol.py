@@ -413,3 +413,36 @@ def test_language_detected_from_text(env):
 def test_pixel_block_helper(env):
     _, cfg = env
     assert pixel_block(cfg, (48, 32)) == pixel_text(48, 32)
+
+
+def test_multimodal_positions_of_two_images_with_text_between_written_out_by_hand():
+    """Text counts on by one; an image block takes its (t, h, w) merged-grid coordinates plus the running offset;
+    the text after it resumes at the block's largest position + 1 (values worked out by hand)."""
+    from wallaroo_nodes.engine.rope import multimodal_position_ids
+    vs, pad, ve = 90, 91, 92
+    ids = [5, vs, pad, pad, pad, pad, ve, 7, vs, pad, pad, ve, 9]
+    got = multimodal_position_ids(ids, [(1, 4, 4), (1, 2, 4)], vs, merge=2)
+    expected = torch.tensor([
+        [0, 1, 2, 2, 2, 2, 4, 5, 6, 7, 7, 9, 10],  # temporal
+        [0, 1, 2, 2, 3, 3, 4, 5, 6, 7, 7, 9, 10],  # rows
+        [0, 1, 2, 3, 2, 3, 4, 5, 6, 7, 8, 9, 10],  # columns
+    ])
+    assert torch.equal(got, expected)
+    assert torch.equal(multimodal_position_ids(ids[:8], [(1, 4, 4)], vs, merge=2, start=3), expected[:, :8] + 3)
+    with pytest.raises(ValueError, match="2 vision-start tokens but 3 images"):
+        multimodal_position_ids(ids, [(1, 4, 4), (1, 2, 4), (1, 2, 2)], vs, merge=2)
+    with pytest.raises(ValueError, match="needs 8 tokens after its vision start"):
+        multimodal_position_ids(ids[:5], [(1, 4, 8)], vs, merge=2)
+
+
+def test_cached_encoding_is_the_tokenizers_own(env):
+    """TextTokenizer caches encodings (training encodes a prompt twice): the cache returns what `tokenizers` does,
+    and a caller changing its id list does not change the next caller's."""
+    tok, cfg = env
+    prompt = build_edit(tok, cfg, "make the circle blue", (64, 64), (1, 8, 8))
+    text = tok.decode(prompt.ids, skip_special=False)
+    first = tok.encode(text)
+    assert first == tok.tokenizer.encode(text, add_special_tokens=False).ids == prompt.ids
+    first.append(-1)
+    assert tok.encode(text) == prompt.ids
+    assert tok.encoding(text).offsets == tok.tokenizer.encode(text, add_special_tokens=False).offsets

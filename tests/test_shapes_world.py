@@ -450,3 +450,17 @@ def test_edit_instruction_about_names_the_source_object_it_changes():
         assert obj not in target.objects
         assert [o for o in scene.objects if o != obj] == [o for o in target.objects if o in scene.objects]
     assert set(kinds_named) == {"remove", "recolour", "reshape", "move"}, kinds_named
+
+
+def test_cached_shape_masks_cannot_be_changed_through_a_render():
+    """Shape masks are cached (training renders the same few thousands of times): they are read-only, and a
+    render is a fresh array, so changing one render changes neither the mask nor the next render."""
+    from wallaroo_nodes.shapes.world import render_array, shape_mask
+    scene = Scene((64, 64), "white", (Obj("circle", "red", "large", "centre"),))
+    first = render_array(scene)
+    before = first.copy()
+    first[:] = 0
+    assert np.array_equal(render_array(scene), before)
+    mask = shape_mask("circle", 20)
+    with pytest.raises(ValueError, match="read-only"):
+        mask[0, 0] = not mask[0, 0]

@@ -1617,3 +1617,16 @@ def test_ground_readout_until_edits_drops_the_readout_of_the_editing_stage_only(
         with pytest.raises(SystemExit):
             main(["--out", str(tmp_path / "x"), "--ground-readout-until-edits", *flags])
     assert not (tmp_path / "x").exists()
+
+
+def test_object_cell_masks_are_fresh_copies_of_the_cached_mask():
+    """object_cell_mask is cached per object and canvas: each caller gets its own tensor."""
+    from wallaroo_nodes.shapes import Obj, Scene
+    from wallaroo_nodes.train.data import object_cell_mask
+    scene = Scene((48, 80), "white", (Obj("square", "blue", "large", "left"), Obj("circle", "red", "small", "right")))
+    first = object_cell_mask(scene, scene.objects[0], 3, 5)
+    expected = first.clone()
+    assert expected.any() and not expected.all()
+    first[:] = ~first
+    assert torch.equal(object_cell_mask(scene, scene.objects[0], 3, 5), expected)
+    assert not torch.equal(object_cell_mask(scene, scene.objects[1], 3, 5), expected)

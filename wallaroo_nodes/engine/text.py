@@ -1,10 +1,11 @@
 """Text tokenizer (a `tokenizers` tokenizer.json) checked against the model's token table, and streaming."""
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Iterable
 
-from tokenizers import Tokenizer
+from tokenizers import Encoding, Tokenizer
 
 
 class TokenizerError(ValueError):
@@ -40,10 +41,20 @@ class TextTokenizer:
                     f"{path}: token {name!r} has id {got} in the tokenizer but {expected} in config.json; "
                     "the tokenizer and the weights come from different models")
         self.special_ids = frozenset(tokens.values())
+        # Training encodes the same prompt twice (its ids, then its offsets) and the same phrases over and over.
+        self._encoding = functools.lru_cache(maxsize=4096)(self._encode_uncached)
+
+    def _encode_uncached(self, text: str) -> Encoding:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def encoding(self, text: str) -> Encoding:
+        """The `tokenizers` Encoding of text (ids and character offsets), special-token text recognised; cached,
+        so treat it as read-only."""
+        return self._encoding(text)
 
     def encode(self, text: str) -> list[int]:
         """Token ids of text; special-token text such as '<|im_start|>' becomes its single id."""
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
+        return self.encoding(text).ids
 
     def decode(self, ids: Iterable[int], skip_special: bool = True) -> str:
         """Text of ids, without the model's special tokens unless asked."""

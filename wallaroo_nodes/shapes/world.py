@@ -6,6 +6,7 @@ rasterises ideal shapes at half coverage, so the same scene always gives the sam
 """
 from __future__ import annotations
 
+import functools
 import random
 from dataclasses import dataclass, field, replace
 
@@ -147,9 +148,13 @@ def shape_coverage(shape: str, side: float, top: float, left: float, height: int
     return inside.reshape(height, n, width, n).mean(axis=(1, 3))
 
 
+@functools.lru_cache(maxsize=256)
 def shape_mask(shape: str, side: int) -> np.ndarray:
-    """Crisp boolean (side, side) raster of a shape: pixels at least half covered by the ideal shape."""
-    return shape_coverage(shape, side, 0, 0, side, side) >= 0.5
+    """Crisp boolean (side, side) raster of a shape: pixels at least half covered by the ideal shape (read-only:
+    cached, since training renders the same few shapes and sides tens of thousands of times)."""
+    mask = shape_coverage(shape, side, 0, 0, side, side) >= 0.5
+    mask.flags.writeable = False
+    return mask
 
 
 def object_box(canvas: tuple[int, int], obj: Obj) -> tuple[int, int, int]:

@@ -6,6 +6,7 @@ rows separated by end-of-line tokens); `collate` turns examples into one right-p
 """
 from __future__ import annotations
 
+import functools
 import random
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -93,9 +94,17 @@ def _weighted_kind(rng: random.Random, kinds: tuple[str, ...], weights: dict[str
 def object_cell_mask(scene: Scene, obj: Obj, rows: int, cols: int, min_share: float = 0.05) -> torch.Tensor:
     """(rows * cols,) bool: which cells of a rows x cols grid over the canvas (raster order) have more than
     `min_share` of their area covered by `obj`."""
-    alone = render_array(Scene(scene.canvas, scene.background, (obj,))).astype(np.int16)
-    background = np.array(PALETTE[scene.background], dtype=np.int16)
-    on = torch.from_numpy((np.abs(alone - background).sum(-1) > 30).astype(np.float32))[None, None]
+    # The mask depends on the object and the canvas only, and a shapes world has few of those: cached, each
+    # caller gets its own copy.
+    return _object_cell_mask(scene.canvas, scene.background, obj, rows, cols, min_share).clone()
+
+
+@functools.lru_cache(maxsize=8192)
+def _object_cell_mask(canvas: tuple[int, int], background: str, obj: Obj, rows: int, cols: int,
+                      min_share: float) -> torch.Tensor:
+    alone = render_array(Scene(canvas, background, (obj,))).astype(np.int16)
+    background_rgb = np.array(PALETTE[background], dtype=np.int16)
+    on = torch.from_numpy((np.abs(alone - background_rgb).sum(-1) > 30).astype(np.float32))[None, None]
     return (F.adaptive_avg_pool2d(on, (rows, cols)) > min_share).flatten()
 
 
@@ -110,7 +119,7 @@ def text_token_positions(tok: TextTokenizer, prompt: Prompt, text: str,
     """Per [start, end) character span of `text` (which the prompt holds once), the prompt positions of the
     tokens that overlap it."""
     full = tok.decode(prompt.ids, skip_special=False)
-    encoding = tok.tokenizer.encode(full, add_special_tokens=False)
+    encoding = tok.encoding(full)
     if encoding.ids != list(prompt.ids) or full.count(text) != 1:
         raise ValueError(f"cannot find {text!r} in the prompt's tokens once")
     at = full.index(text)
