@@ -195,6 +195,24 @@ def test_training_step_bench_times_both_attention_paths(capsys):
     assert "unknown ['draw']" in capsys.readouterr().err
 
 
+def test_batch_building_bench_times_the_recipes_steps(capsys):
+    from bench.train_data import LAST_LINE, main
+
+    assert main(["--steps", "2", "--stages", "0,4"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert re.fullmatch(re.escape(LAST_LINE) + r"\d+\.\d", out[-1])
+    rows = [line.split() for line in out[1:-1]]
+    assert {r[0] for r in rows} == {"0-understanding-pretrain", "4-unified-finetune"}
+    # Each stage's task rows count its two steps, and its "all" row adds them up.
+    for name in ("0-understanding-pretrain", "4-unified-finetune"):
+        own = [r for r in rows if r[0] == name]
+        assert sum(int(r[2]) for r in own if r[1] != "all") == 2 == int(next(r for r in own if r[1] == "all")[2])
+        assert all(float(r[3]) > 0 for r in own)
+    with pytest.raises(SystemExit):
+        main(["--stages", "5"])
+    assert "indices run from 0 to 4" in capsys.readouterr().err
+
+
 def test_bench_says_when_transformers_is_missing(capsys, monkeypatch):
     from bench import hf_baseline
     from bench.compare import SPEEDUP_LINE, main

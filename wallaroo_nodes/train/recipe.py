@@ -1022,6 +1022,28 @@ def resolve_run_options(chosen: dict[str, object]) -> dict[str, object]:
     return options
 
 
+def recipe_stages(options: dict[str, object], scale: float = 1.0, batch_size: int | None = None) -> list[Stage]:
+    """The curriculum a run with these resolved options trains (`resolve_run_options`), every stage's steps
+    stretched by `scale` and its batch set to `batch_size` if given."""
+    stages = [replace(s, batch_size=batch_size) if batch_size else s for s in default_stages(scale)]
+    if options["ground"]:
+        stages = with_grounding(stages, readout_weight=1.0 if options["ground_readout"] else 0.0,
+                                two_object_weight=options["ground_two_objects"] or 1.0,
+                                edits=options["ground_edits"], edit_words=options["ground_edit_words"],
+                                readout_until_edits=options["ground_readout_until_edits"])
+    if options["ground_captions"]:
+        head = options["edit_ref_head"]
+        stages = with_caption_grounding(stages, options["ground_captions"], edits=options["ground_edit_refs"],
+                                        edit_head=tuple(head) if head else None,
+                                        edit_readout=not options["no_edit_ref_readout"],
+                                        edit_readout_fields=("position",) if options["edit_ref_readout_place"] else None,
+                                        adds=options["ground_edit_adds"],
+                                        move_head=MOVE_REF_HEAD if options["ground_edit_moves"] else None,
+                                        adds_via_caption=options["ground_edit_adds_caption"],
+                                        moves_on_source=options["ground_edit_moves_source"])
+    return stages
+
+
 def _option_flag(key: str, value: object) -> str:
     flag = "--" + key.replace("_", "-")
     if key == "ground_two_objects":
@@ -1348,19 +1370,7 @@ def main(argv: list[str] | None = None) -> int:
         check_run_options(args.out, options)
     model, tok = build_or_resume(args.out, args.seed, device, rank, mrope_interleaved=args.mrope_interleaved,
                                  edit_instruction_first=args.edit_instruction_first)
-    stages = [replace(s, batch_size=args.batch_size) if args.batch_size else s for s in default_stages(args.scale)]
-    if args.ground:
-        stages = with_grounding(stages, readout_weight=1.0 if args.ground_readout else 0.0,
-                                two_object_weight=args.ground_two_objects, edits=args.ground_edits,
-                                edit_words=args.ground_edit_words, readout_until_edits=args.ground_readout_until_edits)
-    if args.ground_captions:
-        stages = with_caption_grounding(stages, args.ground_captions, edits=args.ground_edit_refs,
-                                        edit_head=args.edit_ref_head, edit_readout=not args.no_edit_ref_readout,
-                                        edit_readout_fields=("position",) if args.edit_ref_readout_place else None,
-                                        adds=args.ground_edit_adds,
-                                        move_head=MOVE_REF_HEAD if args.ground_edit_moves else None,
-                                        adds_via_caption=args.ground_edit_adds_caption,
-                                        moves_on_source=args.ground_edit_moves_source)
+    stages = recipe_stages(options, args.scale, args.batch_size)
     vq_done = vq_steps_done(args.out) >= args.vq_steps + args.vq_polish_steps
     finished_before = vq_done and all((args.out / f"stage{i}.done").exists() for i in range(len(stages)))
     vq_run = (model.cfg.vq, args.vq_steps, args.out, args.seed)
