@@ -1630,3 +1630,49 @@ def test_object_cell_masks_are_fresh_copies_of_the_cached_mask():
     first[:] = ~first
     assert torch.equal(object_cell_mask(scene, scene.objects[0], 3, 5), expected)
     assert not torch.equal(object_cell_mask(scene, scene.objects[1], 3, 5), expected)
+
+
+def test_last_layer_on_targets_gives_the_full_passes_losses_and_gradients(bundle):
+    """Stage.last_layer_on_targets: the LLM's last layer computes only the rows from the batch's first target on.
+    Every loss part and every gradient equals the full pass's up to float rounding, for each task of stage 4 with
+    the recipe's grounding (the edit reference head is in the last layer), and the rows left out are many."""
+    from dataclasses import replace
+    from wallaroo_nodes.train.recipe import recipe_stages, stage_trainer
+    model, tok = bundle
+    stage = replace(recipe_stages(resolve_run_options({}))[4], batch_size=6)
+    assert stage.edit_ref_head[0] == model.cfg.llm.num_layers - 1
+    skipped_rows: dict[str, float] = {}
+    full_forward = model.forward
+    for step in range(60):
+        task, examples = step_examples(stage, 4, step, 1, 0, stage.batch_size, tok, model.cfg)
+        if task in skipped_rows:
+            continue
+        batch = collate(examples, model.cfg)
+        results = []
+        for on in (False, True):
+            torch.manual_seed(0)  # the same probes both times
+            trainer, params = stage_trainer(model, replace(stage, last_layer_on_targets=on))
+            starts = []
+            model.forward = lambda *a, **kw: (starts.append(kw.get("last_layer_from", 0)), full_forward(*a, **kw))[1]
+            try:
+                loss, parts = trainer(batch)
+            finally:
+                del model.forward
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            results.append((loss, parts, grads, starts[0]))
+        (loss, parts, grads, start_off), (loss_on, parts_on, grads_on, start_on) = results
+        assert start_off == 0
+        skipped_rows[task] = start_on / batch.ids.shape[1]
+        assert parts.keys() == parts_on.keys()
+        for key in parts:
+            assert parts_on[key] == pytest.approx(parts[key], rel=1e-5, abs=1e-6), (task, key)
+        assert loss_on.item() == pytest.approx(loss.item(), rel=1e-5)
+        for p, g, g_on in zip(params, grads, grads_on):
+            assert (g is None) == (g_on is None)
+            if g is not None:
+                torch.testing.assert_close(g_on, g, rtol=1e-4, atol=1e-6)
+    assert skipped_rows.keys() == {"edit", "understand", "generate"}
+    # An edit's prompt (source pixels, vision tokens, instruction) is over half its row; a question's image and
+    # text come before its answers; a caption before its image.
+    assert skipped_rows["edit"] > 0.5 and skipped_rows["understand"] > 0.2 and skipped_rows["generate"] > 0.15, \
+        skipped_rows

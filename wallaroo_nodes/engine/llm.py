@@ -53,16 +53,21 @@ class SelfAttention(nn.Module):
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-                cache: KVCache | None, layer: int, backend: str) -> torch.Tensor:
+                cache: KVCache | None, layer: int, backend: str, query_from: int = 0) -> torch.Tensor:
+        """Attention output for rows `query_from:` of x (B, n, D), every row serving as a key and value."""
         b, n, _ = x.shape
-        q = self.q_proj(x).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+        xq = x[:, query_from:] if query_from else x
+        m = xq.shape[1]
+        q = self.q_proj(xq).view(b, m, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = apply_rotary(q, cos[:, query_from:], sin[:, query_from:]), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.write(layer, k, v)
+        if mask is not None and query_from:
+            mask = mask[:, :, query_from:]
         out = attention(q, k, v, mask, backend)
-        return self.o_proj(out.transpose(1, 2).reshape(b, n, -1))
+        return self.o_proj(out.transpose(1, 2).reshape(b, m, -1))
 
 
 class FeedForward(nn.Module):
@@ -85,8 +90,10 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-                cache: KVCache | None, layer: int, backend: str) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer, backend)
+                cache: KVCache | None, layer: int, backend: str, query_from: int = 0) -> torch.Tensor:
+        """The layer's output for rows `query_from:` of x (B, n, D); all rows are attended."""
+        attended = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer, backend, query_from)
+        x = (x[:, query_from:] if query_from else x) + attended
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -100,10 +107,17 @@ class DecoderBody(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-                cache: KVCache | None = None, backend: str = "sdpa") -> torch.Tensor:
-        """Run embeddings x (B, n, D) through all layers; with a cache, keys of earlier steps are attended."""
+                cache: KVCache | None = None, backend: str = "sdpa", last_layer_from: int = 0) -> torch.Tensor:
+        """Run embeddings x (B, n, D) through all layers; with a cache, keys of earlier steps are attended.
+
+        With `last_layer_from` > 0 the last layer computes only rows from there on (and so does the result,
+        (B, n - last_layer_from, D)): in training the rows before the first target feed no loss from there.
+        """
+        if last_layer_from and cache is not None:
+            raise ValueError("last_layer_from is for uncached training passes; a cache needs every row")
+        last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, mask, cache, i, backend)
+            x = layer(x, cos, sin, mask, cache, i, backend, last_layer_from if i == last else 0)
         if cache is not None:
             cache.advance(x.shape[1])
         return self.norm(x)

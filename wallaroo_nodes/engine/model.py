@@ -123,11 +123,12 @@ class WallarooModel(nn.Module):
 
     # --- the transformer pass -------------------------------------------------------------------
     def forward_hidden(self, embeds: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor | None,
-                       cache: KVCache | None = None) -> torch.Tensor:
-        """Final hidden states (B, n, D) for embeddings (B, n, D) at M-RoPE positions (3, B, n)."""
+                       cache: KVCache | None = None, last_layer_from: int = 0) -> torch.Tensor:
+        """Final hidden states (B, n, D) for embeddings (B, n, D) at M-RoPE positions (3, B, n) (rows
+        `last_layer_from:` only, if given: `DecoderBody.forward`)."""
         inv_freq, axis = self.rope_tables(embeds.device)
         cos, sin = mrope_cos_sin(position_ids, inv_freq, axis, embeds.dtype)
-        return self.model(embeds, cos, sin, mask, cache, self.attention_backend)
+        return self.model(embeds, cos, sin, mask, cache, self.attention_backend, last_layer_from)
 
     def text_rope(self, start: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotary tables (B, count, head_dim) for text-like positions start[b], start[b] + 1, ... (decode steps):
@@ -139,11 +140,13 @@ class WallarooModel(nn.Module):
         half = sin.shape[-1] // 2
         return cos, torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
 
-    def forward(self, embeds: torch.Tensor, position_ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """Uncached forward over whole sequences (training, tests): causal + padding mask from `valid`."""
+    def forward(self, embeds: torch.Tensor, position_ids: torch.Tensor, valid: torch.Tensor,
+                last_layer_from: int = 0) -> torch.Tensor:
+        """Uncached forward over whole sequences (training, tests): causal + padding mask from `valid`; with
+        `last_layer_from`, the hidden states of rows from there on only (`DecoderBody.forward`)."""
         n = embeds.shape[1]
         causal = torch.ones(n, n, dtype=torch.bool, device=embeds.device).tril()
         mask = causal[None, None] & valid.bool()[:, None, None, :]
         # A fully masked query row (left padding) would give NaN in SDPA; let it see itself.
         mask = mask | torch.eye(n, dtype=torch.bool, device=embeds.device)[None, None]
-        return self.forward_hidden(embeds, position_ids, mask)
+        return self.forward_hidden(embeds, position_ids, mask, last_layer_from=last_layer_from)

@@ -183,6 +183,11 @@ class Stage:
     # Added to the run's --seed for this stage's data: the bundle's stages 2-4 drew their examples from the
     # next seed after stages 0-1 (twentieth run, docs/tiny_model_runs.md), so one command draws that data order.
     seed_offset: int = 0
+    # Whether the LLM's last layer computes only the rows from the batch's first target on (`first_output_row`):
+    # the same losses and gradients up to float rounding, the last layer's queries and MLP over less than half of
+    # an edit's rows (its prompt comes first). Off by default until a whole run with it is measured: it rounds
+    # differently, so a run with it is a new draw, not the bundle's.
+    last_layer_on_targets: bool = False
 
 
 def default_stages(scale: float = 1.0) -> list[Stage]:
@@ -395,6 +400,19 @@ def weighted_mean(values: torch.Tensor, weights: torch.Tensor | None) -> torch.T
     return values.mean() if weights is None else (weights * values).sum() / weights.sum()
 
 
+def first_output_row(batch: Batch, groups: list, length: int, last_layer: int) -> int:
+    """The first position of a row whose last-layer output some loss reads, over the batch: a text or code target,
+    or a query of a grounding group on the last layer (whose q and head outputs the hooks capture there). The
+    last layer's keys and values cover every row whatever this is."""
+    used = [index for index in (batch.text_target_index, batch.code_target_index) if index is not None]
+    for _, select, _, (layer, _), _, _ in groups:
+        if layer == last_layer:
+            queries = batch.ground_query_index
+            used.append(queries if select is None else queries[select.to(queries.device)])
+    used = [index for index in used if index.numel()]
+    return min(int((index % length).min()) for index in used) if used else 0
+
+
 class TrainingModel(nn.Module):
     """Wraps WallarooModel so one forward returns the summed text + image losses (DDP needs a forward)."""
 
@@ -403,7 +421,8 @@ class TrainingModel(nn.Module):
                  ground_two_object_weight: float = 1.0, caption_ground_weight: float = 0.0,
                  caption_ground_head: tuple[int, int] = (2, 2), edit_ref_head: tuple[int, int] | None = None,
                  edit_ref_readout: bool = True, edit_ref_readout_fields: tuple[str, ...] | None = None,
-                 move_ref_head: tuple[int, int] | None = None, adds_via_caption_head: bool = False):
+                 move_ref_head: tuple[int, int] | None = None, adds_via_caption_head: bool = False,
+                 last_layer_on_targets: bool = False):
         super().__init__()
         if ground_readout_weight > 0 and ground_weight <= 0:
             raise ValueError("ground_readout_weight reads the grounded head, so it needs ground_weight > 0")
@@ -434,6 +453,7 @@ class TrainingModel(nn.Module):
         self.adds_via_caption_head = adds_via_caption_head
         self.move_ref_readout = self.new_probes(MOVE_READOUT_FIELDS) \
             if move_ref_head is not None and caption_ground_weight > 0 else None
+        self.last_layer_on_targets = last_layer_on_targets
 
     def new_probes(self, fields: tuple[str, ...] | None = None) -> nn.ModuleList:
         """One linear probe per READOUT_FIELDS field (or per named field), reading it from one head's output."""
@@ -537,11 +557,21 @@ class TrainingModel(nn.Module):
                       # o_proj's input: the heads' outputs side by side (for the read-out probes)
                       attn.o_proj.register_forward_pre_hook(
                           lambda mod, inp, into=into: into.__setitem__("heads", inp[0]))]
+        last_layer = m.cfg.llm.num_layers - 1
+        first_row = first_output_row(batch, groups, length, last_layer) if self.last_layer_on_targets else 0
         try:
-            hidden = m(flat.view(b, length, d), batch.position_ids.to(dev), batch.valid.to(dev))
+            hidden = m(flat.view(b, length, d), batch.position_ids.to(dev), batch.valid.to(dev),
+                       last_layer_from=first_row)
         finally:
             for h in hooks:
                 h.remove()
+        if first_row:
+            # The last layer left out the rows before the first one any loss reads: zeros there keep the flat
+            # (B * L) indices of targets and queries as they are.
+            hidden = F.pad(hidden, (0, 0, first_row, 0))
+            if last_layer in captured:
+                for key in ("q", "heads"):
+                    captured[last_layer][key] = F.pad(captured[last_layer][key], (0, 0, first_row, 0))
         hidden = hidden.reshape(b * length, d)
         loss = hidden.new_zeros(())
         parts: dict[str, float] = {}
@@ -847,7 +877,7 @@ def stage_trainer(model: WallarooModel, stage: Stage) -> tuple[TrainingModel, li
                             stage.ground_head, stage.ground_readout_weight, stage.ground_two_object_weight,
                             stage.caption_ground_weight, stage.caption_ground_head, stage.edit_ref_head,
                             stage.edit_ref_readout, stage.edit_ref_readout_fields, stage.move_ref_head,
-                            stage.adds_via_caption_head)
+                            stage.adds_via_caption_head, stage.last_layer_on_targets)
     params = trainable_parameters(model, stage.trainable)
     for probes in trainer.probes().values():
         params = params + list(probes.parameters())
@@ -1236,6 +1266,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="VQ steps trained as a plain autoencoder before quantising")
     parser.add_argument("--vq-polish-steps", type=int, default=VQ_POLISH_STEPS,
                         help="decoder-only VQ steps after --vq-steps: the codes stay, small shapes come out right")
+    parser.add_argument("--last-layer-on-targets", action="store_true",
+                        help="the LLM's last layer computes only the rows from each batch's first target on: the same "
+                             "losses up to float rounding for less arithmetic (Stage.last_layer_on_targets; off: the "
+                             "bundle was trained without it, and rounding differently makes a run a new draw)")
     parser.add_argument("--vision-steps", type=int, default=VISION_STEPS,
                         help="scene-parsing steps of the vision tower before stage 0 (0 = none)")
     parser.add_argument("--vision-find", action="store_true", default=None,
@@ -1371,6 +1405,8 @@ def main(argv: list[str] | None = None) -> int:
     model, tok = build_or_resume(args.out, args.seed, device, rank, mrope_interleaved=args.mrope_interleaved,
                                  edit_instruction_first=args.edit_instruction_first)
     stages = recipe_stages(options, args.scale, args.batch_size)
+    if args.last_layer_on_targets:
+        stages = [replace(s, last_layer_on_targets=True) for s in stages]
     vq_done = vq_steps_done(args.out) >= args.vq_steps + args.vq_polish_steps
     finished_before = vq_done and all((args.out / f"stage{i}.done").exists() for i in range(len(stages)))
     vq_run = (model.cfg.vq, args.vq_steps, args.out, args.seed)
