@@ -19,7 +19,9 @@ from pathlib import Path
 
 import torch
 
-from wallaroo_nodes.engine.weights import load_model
+from wallaroo_nodes.engine.config import WallarooConfig
+from wallaroo_nodes.engine.text import TextTokenizer
+from wallaroo_nodes.engine.weights import CONFIG_FILE, TOKENIZER_FILE
 from wallaroo_nodes.train.data import collate
 from wallaroo_nodes.train.recipe import recipe_stages, resolve_run_options, step_examples
 
@@ -35,8 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stages", default="0,1,2,3,4", help="comma-separated stage indices (default all five)")
     ap.add_argument("--seed", type=int, default=1, help="the run seed whose steps are drawn (the recipe's default: 1)")
     args = ap.parse_args(argv)
-    if not (args.model / "config.json").exists():
-        ap.error(f"--model {args.model}: not a model folder (no config.json)")
+    if not (args.model / CONFIG_FILE).exists():
+        ap.error(f"--model {args.model}: not a model folder (no {CONFIG_FILE})")
     stages = recipe_stages(resolve_run_options({}))
     try:
         chosen = [int(s) for s in args.stages.split(",") if s.strip()]
@@ -47,8 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps < 1:
         ap.error("--steps must be at least 1")
     torch.set_num_threads(1)
-    model, tok = load_model(args.model, dtype="fp32", device="cpu")
-    cfg = model.cfg
+    # Batches need the tokenizer and the config only, not the weights.
+    cfg = WallarooConfig.load(args.model / CONFIG_FILE)
+    tok = TextTokenizer(args.model / TOKENIZER_FILE, cfg.tokens)
     print(f"{'stage':<26} {'task':<11} {'steps':>5} {'ms/step':>8}")
     per_stage = {}
     for index in chosen:

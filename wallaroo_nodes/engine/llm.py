@@ -56,7 +56,7 @@ class SelfAttention(nn.Module):
                 cache: KVCache | None, layer: int, backend: str, query_from: int = 0) -> torch.Tensor:
         """Attention output for rows `query_from:` of x (B, n, D), every row serving as a key and value."""
         b, n, _ = x.shape
-        xq = x[:, query_from:] if query_from else x
+        xq = x[:, query_from:]
         m = xq.shape[1]
         q = self.q_proj(xq).view(b, m, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -64,9 +64,7 @@ class SelfAttention(nn.Module):
         q, k = apply_rotary(q, cos[:, query_from:], sin[:, query_from:]), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.write(layer, k, v)
-        if mask is not None and query_from:
-            mask = mask[:, :, query_from:]
-        out = attention(q, k, v, mask, backend)
+        out = attention(q, k, v, None if mask is None else mask[:, :, query_from:], backend)
         return self.o_proj(out.transpose(1, 2).reshape(b, m, -1))
 
 
@@ -93,7 +91,7 @@ class DecoderLayer(nn.Module):
                 cache: KVCache | None, layer: int, backend: str, query_from: int = 0) -> torch.Tensor:
         """The layer's output for rows `query_from:` of x (B, n, D); all rows are attended."""
         attended = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer, backend, query_from)
-        x = (x[:, query_from:] if query_from else x) + attended
+        x = x[:, query_from:] + attended
         return x + self.mlp(self.post_attention_layernorm(x))
 
 

@@ -99,7 +99,7 @@ def multimodal_position_ids(ids: Sequence[int], grids: Sequence[tuple[int, int, 
         ww = torch.arange(gw).view(1, 1, -1).expand(t, gh, gw).reshape(-1)
         block = torch.stack([tt, hh, ww]) + next_pos
         pieces.append(block)
-        next_pos = int(block.max()) + 1 if count else next_pos
+        next_pos = int(block.max()) + 1
         i = j + 1 + count
         image += 1
     if image != len(grids):

@@ -1387,9 +1387,6 @@ def main(argv: list[str] | None = None) -> int:
                      "--edit-ref-head and drop --no-edit-ref-readout")
     for key, value in options.items():
         setattr(args, key, value)
-    args.ground_two_objects = options["ground_two_objects"] or 1.0
-    args.ground_captions = options["ground_captions"] or 0.0
-    args.edit_ref_head = tuple(options["edit_ref_head"]) if options["edit_ref_head"] else None
     if args.threads:
         torch.set_num_threads(args.threads)
     rank, world = _dist()
