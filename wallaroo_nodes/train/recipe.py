@@ -1037,6 +1037,7 @@ RUN_OPTION_DEFAULTS: list[tuple[str, Callable[[dict], object]]] = [
     ("ground_edit_adds_caption", lambda o: bool(o["ground_edit_adds"])),
     ("ground_edit_moves_source", lambda o: False),
     ("edit_instruction_first", lambda o: False),
+    ("last_layer_on_targets", lambda o: False),
 ]
 # Options a flag pair sets either way (argparse.BooleanOptionalAction); the others are switched on by one flag.
 TWO_WAY_OPTIONS = {"ground", "ground_readout", "ground_edit_refs", "ground_edit_words", "ground_readout_until_edits",
@@ -1071,6 +1072,8 @@ def recipe_stages(options: dict[str, object], scale: float = 1.0, batch_size: in
                                         move_head=MOVE_REF_HEAD if options["ground_edit_moves"] else None,
                                         adds_via_caption=options["ground_edit_adds_caption"],
                                         moves_on_source=options["ground_edit_moves_source"])
+    if options["last_layer_on_targets"]:
+        stages = [replace(s, last_layer_on_targets=True) for s in stages]
     return stages
 
 
@@ -1266,7 +1269,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="VQ steps trained as a plain autoencoder before quantising")
     parser.add_argument("--vq-polish-steps", type=int, default=VQ_POLISH_STEPS,
                         help="decoder-only VQ steps after --vq-steps: the codes stay, small shapes come out right")
-    parser.add_argument("--last-layer-on-targets", action="store_true",
+    parser.add_argument("--last-layer-on-targets", action="store_true", default=None,
                         help="the LLM's last layer computes only the rows from each batch's first target on: the same "
                              "losses up to float rounding for less arithmetic (Stage.last_layer_on_targets; off: the "
                              "bundle was trained without it, and rounding differently makes a run a new draw)")
@@ -1402,8 +1405,6 @@ def main(argv: list[str] | None = None) -> int:
     model, tok = build_or_resume(args.out, args.seed, device, rank, mrope_interleaved=args.mrope_interleaved,
                                  edit_instruction_first=args.edit_instruction_first)
     stages = recipe_stages(options, args.scale, args.batch_size)
-    if args.last_layer_on_targets:
-        stages = [replace(s, last_layer_on_targets=True) for s in stages]
     vq_done = vq_steps_done(args.out) >= args.vq_steps + args.vq_polish_steps
     finished_before = vq_done and all((args.out / f"stage{i}.done").exists() for i in range(len(stages)))
     vq_run = (model.cfg.vq, args.vq_steps, args.out, args.seed)
